@@ -1,0 +1,620 @@
+"""The typed run configuration: `StackWiseConfig` and the one error it raises, `ConfigError`.
+
+A config has five sections: `model`, `training`, `data` (required), `schedule` and `run`
+(optional). Unknown keys are errors. Every problem is reported at once, each with its dotted
+path and the bad value, so a user fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid. `problems` holds (dotted path, message, bad value) triples."""
+
+    def __init__(self, problems: list[tuple[str, str, Any]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"invalid configuration{where} ({len(problems)} problem{'s' * (len(problems) != 1)}):"]
+        for path, message, value in problems:
+            shown = "" if value is _NO_VALUE else f" (got {value!r})"
+            lines.append(f"  {path or '<root>'}: {message}{shown}")
+        super().__init__("\n".join(lines))
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _, _ in self.problems]
+
+
+_NO_VALUE = object()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Values that may change with time inside a phase (DESIGN.md section 4)
+
+
+class Ramp(_Section):
+    """A numeric setting that moves from `start` to `end` over a phase's local time τ ∈ [0, 1)."""
+
+    start: float
+    end: float
+    shape: Literal["linear", "cosine"] = "linear"
+
+    def at(self, tau: float) -> float:
+        tau = min(max(tau, 0.0), 1.0)
+        if self.shape == "cosine":
+            tau = 0.5 * (1.0 - math.cos(math.pi * tau))
+        return self.start + (self.end - self.start) * tau
+
+
+class LrSchedule(_Section):
+    """Learning-rate shape inside a phase: linear warmup to `peak`, then `schedule` down to `final`."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    peak: float = Field(gt=0)
+    final: float = Field(default=0.0, ge=0)
+    warmup: float = Field(default=0.0, ge=0, lt=1, description="fraction of the phase spent warming up")
+
+    def at(self, tau: float) -> float:
+        tau = min(max(tau, 0.0), 1.0)
+        if self.warmup > 0 and tau < self.warmup:
+            return self.peak * (tau / self.warmup)
+        if self.schedule == "constant":
+            return self.peak
+        progress = (tau - self.warmup) / (1.0 - self.warmup)
+        if self.schedule == "linear":
+            return self.peak + (self.final - self.peak) * progress
+        return self.final + 0.5 * (self.peak - self.final) * (1.0 + math.cos(math.pi * progress))
+
+
+Number = Union[float, Ramp]  # noqa: UP007 - pydantic reads the union at runtime
+LearningRate = Union[float, LrSchedule]  # noqa: UP007
+
+
+def value_at(value: float | Ramp | LrSchedule, tau: float) -> float:
+    """Evaluate a plain number or a ramp at local time τ."""
+    return float(value) if isinstance(value, (int, float)) else value.at(tau)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+class ArchitectureConfig(_Section):
+    n_stacks: int = Field(default=2, ge=1)
+    blocks_per_stack: int = Field(default=2, ge=1)
+
+
+class MLAConfig(_Section):
+    """Multi-head latent attention sizes (DeepSeek-V2): K/V come from a shared low-rank latent."""
+
+    kv_rank: int | None = Field(default=None, ge=1, description="latent K/V width; default d_model // 4")
+    q_rank: int | None = Field(default=None, ge=1, description="low-rank query width; None = full-rank queries")
+    rope_dim: int | None = Field(default=None, ge=2, description="decoupled RoPE width per head; default head_dim // 2")
+
+
+class ModelConfig(_Section):
+    vocab_size: int | None = Field(default=None, ge=2, description="default: the tokenizer's vocabulary size")
+    d_model: int = Field(default=256, ge=8)
+    n_heads: int = Field(default=8, ge=1)
+    n_kv_heads: int | None = Field(default=None, ge=1, description="< n_heads gives GQA; default n_heads")
+    attention: Literal["mha", "gqa", "mla"] | None = Field(default=None, description="default: gqa if n_kv_heads < n_heads else mha")
+    mla: MLAConfig = Field(default_factory=MLAConfig)
+    ffn_hidden: int | None = Field(default=None, ge=1, description="SwiGLU width; default 8/3·d_model rounded up to 16")
+    max_seq_len: int = Field(default=1024, ge=1, description="longest sequence the RoPE tables cover")
+    rope_theta: float = Field(default=10000.0, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    init_std: float = Field(default=0.02, gt=0)
+    tie_embeddings: bool = True
+    architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> ModelConfig:
+        kv = self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+        if self.attention is None:
+            object.__setattr__(self, "attention", "gqa" if kv < self.n_heads else "mha")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads if self.attention != "gqa" else max(1, self.n_heads // 2))
+        if self.ffn_hidden is None:
+            object.__setattr__(self, "ffn_hidden", _round_up(8 * self.d_model / 3, 16))
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}", self.n_heads))
+        elif (self.d_model // self.n_heads) % 2:
+            problems.append(("n_heads", f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE", self.n_heads))
+        if self.n_heads % self.n_kv_heads:
+            problems.append(("n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}", self.n_kv_heads))
+        if self.attention == "mha" and self.n_kv_heads != self.n_heads:
+            problems.append(("attention", f"'mha' needs n_kv_heads == n_heads={self.n_heads}; use 'gqa'", self.attention))
+        if self.attention == "gqa" and self.n_kv_heads >= self.n_heads and self.n_heads > 1:
+            problems.append(("n_kv_heads", f"'gqa' needs n_kv_heads < n_heads={self.n_heads}", self.n_kv_heads))
+        if self.attention == "mla" and not problems:
+            head_dim = self.d_model // self.n_heads
+            rope_dim = self.mla.rope_dim if self.mla.rope_dim is not None else max(2, head_dim // 2)
+            if rope_dim % 2:
+                problems.append(("mla.rope_dim", "must be even", rope_dim))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_blocks(self) -> int:
+        return self.architecture.n_stacks * self.architecture.blocks_per_stack
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+class OptimizerConfig(_Section):
+    optimizer_type: Literal["AdamW", "Adam", "SGD"] = "AdamW"
+    lr: LearningRate = 3e-4
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; null disables clipping")
+    lr_scale: dict[str, float] = Field(default_factory=dict, description="parameter-group name pattern -> lr multiplier")
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: LearningRate) -> LearningRate:
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("learning rate must be > 0")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must lie in [0, 1)")
+        return v
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=128, ge=2)
+    total_steps: int | None = Field(default=None, ge=1, description="run length; TrainingMachine(total_steps=) overrides")
+    grad_accum_steps: int = Field(default=1, ge=1)
+    seed: int = 0
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_shorthand(cls, data: Any) -> Any:
+        # `training.lr` is accepted as a shorthand for `training.optimizer.lr`.
+        if isinstance(data, Mapping) and "lr" in data:
+            data = dict(data)
+            lr = data.pop("lr")
+            optimizer = data.get("optimizer", {})
+            if isinstance(optimizer, Mapping):
+                data["optimizer"] = {**optimizer, "lr": lr}
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class TokenizerConfig(_Section):
+    kind: Literal["byte", "bpe"] = "byte"
+    vocab_size: int = Field(default=4096, ge=300, description="BPE only: size including special tokens")
+    path: str | None = Field(default=None, description="load this tokenizer.json instead of training one")
+
+
+Objective = Literal["clm", "mlm", "diffusion"]
+
+
+class DataConfig(_Section):
+    use_dummy_data: bool = False
+    paths: list[str] = Field(default_factory=list, description="text files, folders or .jsonl; empty = built-in corpus")
+    text_field: str = "text"
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    objective: Objective = "clm"
+    mask_rate: Number = Field(default=0.15, description="mlm: fraction of tokens selected")
+    mask_range: tuple[float, float] = Field(default=(0.02, 1.0), description="diffusion: per-sample rate drawn from [lo, hi]")
+    val_fraction: float = Field(default=0.05, gt=0, le=0.5)
+    cache_dir: str | None = Field(default=None, description="token cache; default $STACKWISE_CACHE or ~/.cache/stackwise")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("tokenizer"), str):
+            data = {**data, "tokenizer": {"kind": data["tokenizer"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> DataConfig:
+        problems = []
+        for name, rate in _rates(self.mask_rate):
+            if not 0 < rate <= 1:
+                problems.append((f"mask_rate{name}", "must lie in (0, 1]", rate))
+        lo, hi = self.mask_range
+        if not 0 < lo <= hi <= 1:
+            problems.append(("mask_range", "needs 0 < lo <= hi <= 1", self.mask_range))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+
+def _rates(value: float | Ramp) -> list[tuple[str, float]]:
+    if isinstance(value, Ramp):
+        return [(".start", value.start), (".end", value.end)]
+    return [("", value)]
+
+
+# --------------------------------------------------------------------------------------------
+# schedule: phases over normalized time
+
+
+class GrowConfig(_Section):
+    n: int = Field(default=1, ge=1)
+    where: Literal["append", "prepend"] = "append"
+    init: Literal["random", "copy", "identity"] = "random"
+
+
+class LoraConfig(_Section):
+    rank: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+Precision = Literal["fp32", "bf16", "fp16", "nf4"]
+
+
+class PhaseModelConfig(_Section):
+    """What the model plane looks like during a phase (applied at its start)."""
+
+    grow: GrowConfig | None = None
+    trainable: Union[Literal["new", "all"], str, list[int]] = "all"  # noqa: UP007
+    trunk: Literal["frozen", "qlora", "trainable"] = "frozen"
+    trunk_precision: Precision = "fp32"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    stack_precision: dict[int, Literal["fp32", "bf16", "fp16"]] = Field(default_factory=dict)
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_form(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("new", "all"):
+            head, _, k = v.partition(":")
+            if head != "last" or not k.isdigit() or int(k) < 1:
+                raise ValueError("use 'new', 'all', 'last:K' (K >= 1) or a list of stack indices")
+        return v
+
+
+class PhaseDataConfig(_Section):
+    """Data settings a phase may override (all optional)."""
+
+    paths: list[str] | None = None
+    text_field: str | None = None
+    objective: Objective | None = None
+    mask_rate: Number | None = None
+    mask_range: tuple[float, float] | None = None
+    seq_len: int | None = Field(default=None, ge=2)
+    batch_size: int | None = Field(default=None, ge=1)
+
+
+class PhaseOptimizerConfig(_Section):
+    """Optimizer settings a phase may override (all optional)."""
+
+    optimizer_type: Literal["AdamW", "Adam", "SGD"] | None = None
+    lr: LearningRate | None = None
+    weight_decay: float | None = Field(default=None, ge=0)
+    betas: tuple[float, float] | None = None
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    lr_scale: dict[str, float] | None = None
+
+
+class PhaseConfig(_Section):
+    name: str = Field(min_length=1)
+    start_t: float | None = Field(default=None, ge=0, le=1)
+    end_t: float | None = Field(default=None, ge=0, le=1)
+    start_step: int | None = Field(default=None, ge=0)
+    end_step: int | None = Field(default=None, ge=1)
+    task: Objective | None = None
+    data_config: PhaseDataConfig = Field(default_factory=PhaseDataConfig)
+    model_config_: PhaseModelConfig = Field(default_factory=PhaseModelConfig, alias="model_config")
+    optimizer_config: PhaseOptimizerConfig = Field(default_factory=PhaseOptimizerConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _one_time_form(self) -> PhaseConfig:
+        problems = []
+        has_t = self.start_t is not None or self.end_t is not None
+        has_step = self.start_step is not None or self.end_step is not None
+        if has_t and has_step:
+            problems.append(("start_t", "give either start_t/end_t or start_step/end_step, not both", self.start_t))
+        elif has_t and (self.start_t is None or self.end_t is None):
+            problems.append(("end_t" if self.end_t is None else "start_t", "start_t and end_t go together", None))
+        elif has_step and (self.start_step is None or self.end_step is None):
+            problems.append(("end_step" if self.end_step is None else "start_step", "start_step and end_step go together", None))
+        elif not has_t and not has_step:
+            problems.append(("end_t", "a phase needs start_t/end_t or start_step/end_step", _NO_VALUE))
+        elif has_t and self.start_t >= self.end_t:
+            problems.append(("end_t", f"must be greater than start_t={self.start_t}", self.end_t))
+        elif has_step and self.start_step >= self.end_step:
+            problems.append(("end_step", f"must be greater than start_step={self.start_step}", self.end_step))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    def bounds_t(self, total_steps: int | None) -> tuple[float, float] | None:
+        """(start_t, end_t), converting steps with the run's total; None when that is unknown."""
+        if self.start_t is not None:
+            return self.start_t, self.end_t
+        if total_steps is None:
+            return None
+        return self.start_step / total_steps, self.end_step / total_steps
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+class RunConfig(_Section):
+    name: str = Field(default="run", min_length=1)
+    dir: str = Field(default="runs", description="parent folder of run directories")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = False
+    eval_every: int = Field(default=100, ge=1)
+    eval_batches: int = Field(default=8, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    checkpoint_at_transitions: bool = True
+    keep_last: int = Field(default=3, ge=1)
+    threads: int | None = Field(default=None, ge=1, description="CPU threads; default: torch's choice")
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # The name becomes a folder under run.dir: it must not climb out of it.
+        if v in (".", "..") or "/" in v or "\\" in v or os.sep in v:
+            raise ValueError("must be a plain folder name (no '/', '\\', '.' or '..')")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# the whole config
+
+
+class StackWiseConfig(_Section):
+    model: ModelConfig
+    training: TrainingConfig
+    data: DataConfig
+    schedule: list[PhaseConfig] | None = None
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("schedule")
+    @classmethod
+    def _non_empty(cls, v: list[PhaseConfig] | None) -> list[PhaseConfig] | None:
+        if v is not None and not v:
+            raise ValueError("needs at least one phase (or leave it out for a single phase)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> StackWiseConfig:
+        problems = _schedule_problems(self.schedule, self.training.total_steps)
+        seq_lens = [self.training.seq_len] + [p.data_config.seq_len for p in self.schedule or [] if p.data_config.seq_len]
+        if max(seq_lens) > self.model.max_seq_len:
+            problems.append(("model.max_seq_len", f"is shorter than the longest sequence {max(seq_lens)}", self.model.max_seq_len))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> StackWiseConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError([("", f"a config must be a mapping of sections, not {type(data).__name__}", data)], source)
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as err:
+            raise ConfigError(_problems_from(err), source) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> StackWiseConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([("", "config file not found", _NO_VALUE)], str(path)) from None
+        except IsADirectoryError:
+            raise ConfigError([("", "expected a YAML file, got a directory", _NO_VALUE)], str(path)) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError([("", f"cannot read config: {err}", _NO_VALUE)], str(path)) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([("", f"not valid YAML{where}: {getattr(err, 'problem', err)}", _NO_VALUE)], str(path)) from None
+        if data is None:
+            raise ConfigError([("", "the file is empty; it needs model, training and data sections", _NO_VALUE)], str(path))
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def load(cls, config: StackWiseConfig | Mapping[str, Any] | str | os.PathLike[str]) -> StackWiseConfig:
+        """Accept a config object, a plain dict or a YAML path."""
+        if isinstance(config, StackWiseConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_yaml(config)
+        raise ConfigError([("", "expected a StackWiseConfig, a dict or a YAML path", type(config).__name__)])
+
+    # ---- export -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def with_overrides(self, overrides: Iterable[str]) -> StackWiseConfig:
+        """Return a copy with `a.b.c=value` overrides applied (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        problems = []
+        for item in overrides:
+            try:
+                _apply_override(data, item)
+            except ValueError as err:
+                problems.append((item.partition("=")[0].strip(), str(err), item))
+        if problems:
+            raise ConfigError(problems, "overrides")
+        return StackWiseConfig.from_dict(data, source="overrides")
+
+    # ---- derived values -----------------------------------------------------------------
+
+    def resolved_total_steps(self, total_steps: int | None = None) -> int:
+        steps = total_steps if total_steps is not None else self.training.total_steps
+        if steps is None:
+            raise ConfigError([("training.total_steps", "the run length is not set (give total_steps)", None)])
+        return steps
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+class _CrossFieldError(ValueError):
+    """Raised inside validators to report several (relative path, message, value) problems."""
+
+    def __init__(self, problems: list[tuple[str, str, Any]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m, _ in problems))
+
+
+def _schedule_problems(schedule: list[PhaseConfig] | None, total_steps: int | None) -> list[tuple[str, str, Any]]:
+    """Phases must tile [0, 1]: sorted, no gap, no overlap, first at 0, last at 1."""
+    if not schedule:
+        return []
+    problems: list[tuple[str, str, Any]] = []
+    names = [p.name for p in schedule]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            problems.append((f"schedule.{i}.name", "phase names must be unique", name))
+    bounds = [p.bounds_t(total_steps) for p in schedule]
+    if any(b is None for b in bounds):
+        if all(p.start_step is not None for p in schedule) or total_steps is None:
+            # Step phases are checked once the run length is known (TrainingMachine(total_steps=...)).
+            return problems
+    eps = 1e-9
+    expected = 0.0
+    for i, (start, end) in enumerate(bounds):
+        key = "start_t" if schedule[i].start_t is not None else "start_step"
+        if start > expected + eps:
+            problems.append((f"schedule.{i}.{key}", f"leaves a gap: the previous phase ends at t={expected:g}", start))
+        elif start < expected - eps:
+            problems.append((f"schedule.{i}.{key}", f"overlaps the previous phase, which ends at t={expected:g}", start))
+        expected = end
+    if abs(expected - 1.0) > eps:
+        key = "end_t" if schedule[-1].end_t is not None else "end_step"
+        problems.append((f"schedule.{len(schedule) - 1}.{key}", "the last phase must end at t=1 (end of the run)", expected))
+    return problems
+
+
+def check_schedule(config: StackWiseConfig, total_steps: int) -> None:
+    """Raise ConfigError if the phases do not tile the run of `total_steps` steps."""
+    problems = _schedule_problems(config.schedule, total_steps)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _problems_from(err: ValidationError) -> list[tuple[str, str, Any]]:
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = [str(part) for part in e["loc"]]
+        ctx_error = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _CrossFieldError):
+            for rel, message, value in ctx_error.problems:
+                problems.append((".".join([*loc, rel] if rel else loc), message, value))
+            continue
+        # pydantic appends the union member's name ("float", "Ramp", ...) to the path: drop it.
+        loc = [p for p in loc if not _is_type_tag(p)]
+        message = e["msg"].removeprefix("Value error, ")
+        value = e.get("input", _NO_VALUE) if e["type"] != "missing" else _NO_VALUE
+        if e["type"] == "missing":
+            message = "is required"
+        problems.append((".".join(loc), message, value))
+    # Deduplicate (a union reports the same path once per member).
+    seen, unique = set(), []
+    for path, message, value in problems:
+        if (path, message) not in seen:
+            seen.add((path, message))
+            unique.append((path, message, value))
+    return unique
+
+
+_TYPE_TAGS = {"float", "int", "str", "bool", "list[int]", "Ramp", "LrSchedule", "literal['new','all']", "function-after[_trainable_form(), union[literal['new','all'],str,list[int]]]"}
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or part.startswith(("literal[", "function-", "union["))
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError("expected key=value, e.g. training.optimizer.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"value is not valid YAML: {err}") from None
+    parts = key.split(".")
+    if parts[:2] == ["training", "lr"] and len(parts) == 2:
+        parts = ["training", "optimizer", "lr"]
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"'{'.'.join(parts[: depth + 1])}' is not an index of the list")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ValueError(f"'{'.'.join(parts[:depth])}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError("is not an index of the list")
+        node[int(last)] = value
+    else:
+        node[last] = value
