@@ -530,9 +530,8 @@ def _schedule_problems(schedule: list[PhaseConfig] | None, total_steps: int | No
             problems.append((f"schedule.{i}.name", "phase names must be unique", name))
     bounds = [p.bounds_t(total_steps) for p in schedule]
     if any(b is None for b in bounds):
-        if all(p.start_step is not None for p in schedule) or total_steps is None:
-            # Step phases are checked once the run length is known (TrainingMachine(total_steps=...)).
-            return problems
+        # Step phases are checked once the run length is known (TrainingMachine(total_steps=...)).
+        return problems
     eps = 1e-9
     expected = 0.0
     for i, (start, end) in enumerate(bounds):
