@@ -131,20 +131,20 @@ def test_sequence_longer_than_positions_is_refused():
 def test_rack_spec_reports_structure_roles_and_precision():
     cfg = model_config(architecture={"n_stacks": 3, "blocks_per_stack": 2}, n_kv_heads=2)
     rack = Rack(cfg)
-    rack.stacks[0].freeze()
-    rack.stacks[1].precision = "bf16"
+    rack[0].freeze()
+    rack[1].precision = "bf16"
     spec = rack.to_spec()
     spec.validate()
     assert spec.n_stacks == 3 and spec.blocks_per_stack == [2, 2, 2] and spec.n_blocks == 6
     assert spec.d_model == 64 and spec.n_kv_heads == 2 and spec.attention == "gqa"
     assert spec.frozen_stacks == [0] and spec.trainable_stacks == [1, 2]
     assert spec.precisions == ["fp32", "bf16", "fp32"]
-    assert not any(p.requires_grad for p in rack.stacks[0].parameters())
+    assert not any(p.requires_grad for p in rack[0].parameters())
 
 
 def test_model_spec_lists_trainable_parameters():
     model = StackWiseModel(model_config())
-    model.rack.stacks[0].freeze()
+    model.rack[0].freeze()
     spec = model.to_spec()
     assert spec.embedding.tied and spec.head.tied
     assert not any(n.startswith("rack.stacks.0.") for n in spec.trainable_parameters)
@@ -168,3 +168,14 @@ def test_tiny_model_overfits_one_batch_of_real_text():
         losses.append(loss.item())
     assert losses[0] > 4.0  # starts near ln(256) ≈ 5.5
     assert min(losses) < 0.5, f"did not overfit: last losses {losses[-5:]}"
+
+
+def test_inserting_a_stack_keeps_existing_parameter_names():
+    rack = Rack(model_config(architecture={"n_stacks": 2, "blocks_per_stack": 1}))
+    before = {n: p for n, p in rack.named_parameters()}
+    new_id = rack.insert(0, type(rack[0])(rack.cfg))
+    after = dict(rack.named_parameters())
+    assert rack.stack_ids == [new_id, "0", "1"]
+    for name, param in before.items():
+        assert after[name] is param
+    assert rack.to_spec().stack_ids == [new_id, "0", "1"]

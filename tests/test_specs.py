@@ -126,7 +126,7 @@ def test_fitting_state_passes_and_objects_stand_in_for_specs():
 
 def test_every_mismatch_is_listed_at_once():
     model = _tiny_model()
-    model.rack.stacks[0].freeze()
+    model.rack[0].freeze()
     stale_optimizer = OptimizerSpec(param_names=sorted(n for n, _ in model.named_parameters()))  # includes frozen
     batch = BatchSpec(batch_size=2, seq_len=128, vocab_size=5000, objective="mlm", attention_mode="causal", mask_rate=0.15)
     with pytest.raises(SpecError) as err:

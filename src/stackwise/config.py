@@ -295,6 +295,10 @@ class PhaseModelConfig(_Section):
     trainable: Union[Literal["new", "all"], str, list[int]] = "all"  # noqa: UP007
     trunk: Literal["frozen", "qlora", "trainable"] = "frozen"
     trunk_precision: Precision = "fp32"
+    embedding: Literal["auto", "trainable", "frozen"] = Field(
+        default="auto", description="auto: frozen when the stack nearest it is in a frozen/qlora trunk"
+    )
+    head: Literal["trainable", "frozen"] = "trainable"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     stack_precision: dict[int, Literal["fp32", "bf16", "fp16"]] = Field(default_factory=dict)
 
@@ -425,6 +429,14 @@ class StackWiseConfig(_Section):
     def _check_whole(self) -> StackWiseConfig:
         problems = _schedule_problems(self.schedule, self.training.total_steps)
         seq_lens = [self.training.seq_len] + [p.data_config.seq_len for p in self.schedule or [] if p.data_config.seq_len]
+        accum = self.training.grad_accum_steps
+        batch_sizes = [("training.batch_size", self.training.batch_size)] + [
+            (f"schedule.{i}.data_config.batch_size", p.data_config.batch_size)
+            for i, p in enumerate(self.schedule or []) if p.data_config.batch_size
+        ]
+        for path, size in batch_sizes:
+            if size % accum:
+                problems.append((path, f"must be divisible by training.grad_accum_steps={accum}", size))
         if max(seq_lens) > self.model.max_seq_len:
             problems.append(("model.max_seq_len", f"is shorter than the longest sequence {max(seq_lens)}", self.model.max_seq_len))
         if problems:

@@ -222,6 +222,7 @@ class RackSpec(_Spec):
     max_seq_len: int = 1024
     roles: list[str] = field(default_factory=list)
     precisions: list[str] = field(default_factory=list)
+    stack_ids: list[str] = field(default_factory=list)  # creation ids, in rack order (parameter names use them)
 
     @property
     def n_blocks(self) -> int:
@@ -249,6 +250,9 @@ class RackSpec(_Spec):
             value = getattr(self, name)
             if not isinstance(value, list) or len(value) != self.n_stacks:
                 p.append((name, f"needs one entry per stack (n_stacks={self.n_stacks}), got {value!r}"))
+        if self.stack_ids and (not isinstance(self.stack_ids, list) or len(self.stack_ids) != self.n_stacks
+                               or len(set(self.stack_ids)) != len(self.stack_ids)):
+            p.append(("stack_ids", f"needs one distinct id per stack (n_stacks={self.n_stacks}), got {self.stack_ids!r}"))
         if isinstance(self.blocks_per_stack, list):
             for i, n in enumerate(self.blocks_per_stack):
                 _positive(p, f"blocks_per_stack[{i}]", n)

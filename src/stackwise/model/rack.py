@@ -46,17 +46,41 @@ class Stack(nn.Module):
 
 
 class Rack(nn.Module):
-    """The ordered stacks, plus the RoPE tables their blocks share."""
+    """The ordered stacks, plus the RoPE tables their blocks share.
+
+    Stacks live in a ModuleDict keyed by a creation id ("0", "1", ...) kept in rack order, so a
+    stack's parameter names never change when another stack is prepended or appended: optimizer
+    state and checkpoints stay keyed by the same names across growth.
+    """
 
     def __init__(self, cfg: ModelConfig, n_stacks: int | None = None):
         super().__init__()
         self.cfg = cfg
         n = n_stacks if n_stacks is not None else cfg.architecture.n_stacks
-        self.stacks = nn.ModuleList(Stack(cfg) for _ in range(n))
+        self.stacks = nn.ModuleDict({str(i): Stack(cfg) for i in range(n)})
         self.rotary = Rotary(attention_class(cfg).rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
 
     def __len__(self) -> int:
         return len(self.stacks)
+
+    def __getitem__(self, index: int) -> Stack:
+        """The stack at rack position `index` (0 = nearest the embedding)."""
+        return list(self.stacks.values())[index]
+
+    def __iter__(self):
+        return iter(self.stacks.values())
+
+    @property
+    def stack_ids(self) -> list[str]:
+        return list(self.stacks.keys())
+
+    def insert(self, position: int, stack: Stack) -> str:
+        """Put a new stack at rack position `position`; returns its id (used in parameter names)."""
+        new_id = str(max((int(k) for k in self.stacks), default=-1) + 1)
+        items = list(self.stacks.items())
+        items.insert(position, (new_id, stack))
+        self.stacks = nn.ModuleDict(items)
+        return new_id
 
     def forward(self, x: torch.Tensor, attention_mode: str = "causal", start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run stacks [start, end) on hidden states x (B, T, d_model)."""
@@ -64,22 +88,24 @@ class Rack(nn.Module):
         if not 0 <= start <= end <= len(self.stacks):
             raise IndexError(f"stack slice [{start}, {end}) is outside a rack of {len(self.stacks)} stacks")
         rope = self.rotary(x.shape[1], x.device)
-        for stack in self.stacks[start:end]:
+        for stack in list(self.stacks.values())[start:end]:
             x = stack(x, rope, attention_mode)
         return x
 
     def to_spec(self) -> RackSpec:
+        stacks = list(self.stacks.values())
         return RackSpec(
-            n_stacks=len(self.stacks),
-            blocks_per_stack=[len(s) for s in self.stacks],
+            n_stacks=len(stacks),
+            blocks_per_stack=[len(s) for s in stacks],
             d_model=self.cfg.d_model,
             n_heads=self.cfg.n_heads,
             n_kv_heads=self.cfg.n_kv_heads,
             attention=self.cfg.attention,
             ffn_hidden=self.cfg.ffn_hidden,
             max_seq_len=self.cfg.max_seq_len,
-            roles=[s.role for s in self.stacks],
-            precisions=[s.precision for s in self.stacks],
+            roles=[s.role for s in stacks],
+            precisions=[s.precision for s in stacks],
+            stack_ids=self.stack_ids,
         )
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from stackwise.cli import main
+
+sys.exit(main())

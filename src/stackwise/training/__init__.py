@@ -1,0 +1,27 @@
+"""Training: time and phases, the data loader, and the one engine that runs them."""
+
+from typing import Any
+
+from stackwise.training.loader import ProgressiveDataLoader
+from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
+
+__all__ = [
+    "Phase",
+    "PhaseSchedule",
+    "ProgressiveDataLoader",
+    "TimeController",
+    "TrainResult",
+    "TrainingMachine",
+]
+
+# The machine drives the framework's adapters, which are built from this package's parts
+# (loader, optimizer, schedule): importing it lazily keeps `stackwise.framework` importable first.
+_LAZY = {"TrainingMachine": "stackwise.training.machine", "TrainResult": "stackwise.training.machine"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stackwise.training' has no attribute {name!r}")

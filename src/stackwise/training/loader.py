@@ -1,0 +1,309 @@
+"""`ProgressiveDataLoader`: the data plane of a run, one phase's settings at a time.
+
+A batch is a pure function of (training.seed, phase index, step, phase settings): there is no
+iterator state, so after a resume any step's batch is regenerated exactly. The training split is
+cut into fixed, non-overlapping windows of seq_len+1 tokens (sample id = window index); each
+(seed, phase, epoch) has its own seeded permutation of the windows, and the i-th sample of step s
+is window `perm[g % n_windows]` with `g = (s - phase_start_step) · batch_size + i`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from stackwise.config import PhaseConfig, Ramp, StackWiseConfig, value_at
+from stackwise.data.batch import Batch
+from stackwise.data.cache import resolve_cache_dir
+from stackwise.data.corpus import describe, load_corpus, split_corpus
+from stackwise.data.dummy import dummy_token_splits
+from stackwise.data.errors import DataError
+from stackwise.data.objectives import ATTENTION_MODE, clm, diffusion, mlm, stable_seed
+from stackwise.data.token_cache import TokenSplits, load_token_splits
+from stackwise.data.tokenizer import DummyTokenizer, Tokenizer, build_tokenizer, check_vocab
+
+if TYPE_CHECKING:
+    from stackwise.framework import BatchSpec
+
+# Validation corruption does not depend on training.seed or the phase, so runs with different
+# seeds, and different phases with the same settings, are scored on exactly the same inputs.
+VALIDATION_SEED = 0
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What a phase decides about its data."""
+
+    phase_index: int
+    seq_len: int
+    batch_size: int
+    objective: str
+    mask_rate: float | Ramp
+    mask_range: tuple[float, float]
+    paths: tuple[str, ...]
+    text_field: str
+
+    @property
+    def attention_mode(self) -> str:
+        return ATTENTION_MODE[self.objective]
+
+
+class ProgressiveDataLoader:
+    """Corpus + tokenizer + token cache, and the per-phase batch stream."""
+
+    def __init__(
+        self,
+        config: StackWiseConfig | Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+    ):
+        self.config = StackWiseConfig.load(config)
+        data = self.config.data
+        self.seed = self.config.training.seed
+        self.cache_dir = resolve_cache_dir(data.cache_dir)
+        self._streams: dict[tuple[tuple[str, ...], str], TokenSplits] = {}
+        base = (tuple(data.paths), data.text_field)
+        if data.use_dummy_data:
+            self.tokenizer: Tokenizer = DummyTokenizer(self.config.model.vocab_size or 512)
+            self._streams[base] = dummy_token_splits(self.tokenizer)
+        else:
+            corpus = load_corpus(data.paths, data.text_field)
+            split = split_corpus(corpus, data.val_fraction)
+            self.tokenizer = build_tokenizer(data, split.train, self.cache_dir)
+            check_vocab(self.config.model.vocab_size, self.tokenizer.vocab_size)
+            self._streams[base] = load_token_splits(
+                corpus,
+                self.tokenizer,
+                val_fraction=data.val_fraction,
+                text_field=data.text_field,
+                cache_dir=self.cache_dir,
+                split=split,
+            )
+        if run_dir is not None:
+            self.tokenizer.save(run_dir)
+        self._byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths)
+        self._regular_ids = torch.from_numpy(self.tokenizer.regular_ids)
+        self._check_schedule()
+        self.configure()
+
+    # ---- settings ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def settings(self) -> DataSettings:
+        return self._settings
+
+    def configure(
+        self,
+        *,
+        phase_index: int = 0,
+        seq_len: int | None = None,
+        batch_size: int | None = None,
+        objective: str | None = None,
+        mask_rate: float | Ramp | None = None,
+        mask_range: tuple[float, float] | None = None,
+        paths: Sequence[str] | None = None,
+        text_field: str | None = None,
+    ) -> DataSettings:
+        """Set the data settings of a phase; anything not given comes from the base config."""
+        data, training = self.config.data, self.config.training
+        settings = DataSettings(
+            phase_index=phase_index,
+            seq_len=seq_len if seq_len is not None else training.seq_len,
+            batch_size=batch_size if batch_size is not None else training.batch_size,
+            objective=objective if objective is not None else data.objective,
+            mask_rate=mask_rate if mask_rate is not None else data.mask_rate,
+            mask_range=tuple(mask_range) if mask_range is not None else tuple(data.mask_range),
+            paths=tuple(paths) if paths is not None else tuple(data.paths),
+            text_field=text_field if text_field is not None else data.text_field,
+        )
+        if settings.objective not in ATTENTION_MODE:
+            raise ValueError(
+                f"unknown objective {settings.objective!r}; expected one of {', '.join(ATTENTION_MODE)}"
+            )
+        stream = self._stream(settings.paths, settings.text_field)
+        _check_size(stream, settings.seq_len)
+        self._settings, self._tokens = settings, stream
+        return settings
+
+    def configure_phase(self, phase: PhaseConfig, phase_index: int) -> DataSettings:
+        """`configure` from a schedule entry: its data_config, then its `task`, then the base config."""
+        d = phase.data_config
+        return self.configure(
+            phase_index=phase_index,
+            seq_len=d.seq_len,
+            batch_size=d.batch_size,
+            objective=d.objective or phase.task,
+            mask_rate=d.mask_rate,
+            mask_range=d.mask_range,
+            paths=d.paths,
+            text_field=d.text_field,
+        )
+
+    def get_batch_spec(self, tau: float = 0.0) -> BatchSpec:
+        from stackwise.framework import BatchSpec
+
+        s = self._settings
+        rate = value_at(s.mask_rate, tau) if s.objective == "mlm" else None
+        return BatchSpec(
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            vocab_size=self.vocab_size,
+            objective=s.objective,
+            attention_mode=s.attention_mode,
+            mask_rate=rate,
+        )
+
+    # ---- batches ----------------------------------------------------------------------------
+
+    @property
+    def n_train_windows(self) -> int:
+        return len(self._tokens.train) // (self._settings.seq_len + 1)
+
+    @property
+    def n_val_windows(self) -> int:
+        return len(self._tokens.val) // (self._settings.seq_len + 1)
+
+    def batch_at(self, step: int, tau: float = 0.0, phase_start_step: int = 0) -> Batch:
+        """The batch of global step `step` in the current phase (τ = the phase's local time)."""
+        s = self._settings
+        if step < phase_start_step:
+            raise ValueError(f"step {step} is before the phase start {phase_start_step}")
+        n = self.n_train_windows
+        g = (step - phase_start_step) * s.batch_size + np.arange(s.batch_size)
+        window_ids = np.empty(s.batch_size, dtype=np.int64)
+        for epoch in np.unique(g // n):
+            here = g // n == epoch
+            window_ids[here] = _permutation(self.seed, s.phase_index, int(epoch), n)[g[here] % n]
+        return self._make_batch(
+            self._tokens.train, window_ids, value_at(s.mask_rate, tau), self.seed, s.phase_index
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        step = 0
+        while True:
+            yield self.batch_at(step)
+            step += 1
+
+    def validation_batches(self, max_batches: int | None = None, *, tau: float = 0.0) -> Iterator[Batch]:
+        """The fixed validation set: consecutive windows of the validation split, in order, with
+        corruption seeded independently of training.seed; the last batch may be smaller."""
+        s = self._settings
+        n = self.n_val_windows
+        starts = range(0, n, s.batch_size)
+        if max_batches is not None:
+            starts = starts[:max_batches]
+        rate = value_at(s.mask_rate, tau)
+        for start in starts:
+            window_ids = np.arange(start, min(start + s.batch_size, n), dtype=np.int64)
+            yield self._make_batch(self._tokens.val, window_ids, rate, VALIDATION_SEED, "validation")
+
+    def _make_batch(
+        self, tokens: np.ndarray, window_ids: np.ndarray, rate: float, seed: int, phase: int | str
+    ) -> Batch:
+        s = self._settings
+        width = s.seq_len + 1
+        windows = torch.from_numpy(tokens[window_ids[:, None] * width + np.arange(width)].astype(np.int64))
+        ids = window_ids.tolist()
+        if s.objective == "clm":
+            c = clm(windows)
+        elif s.objective == "mlm":
+            c = mlm(
+                windows[:, :-1],
+                ids,
+                rate=rate,
+                mask_id=self.tokenizer.mask_id,
+                regular_ids=self._regular_ids,
+                seed=seed,
+                phase=phase,
+            )
+        else:
+            c = diffusion(
+                windows[:, :-1],
+                ids,
+                mask_range=s.mask_range,
+                mask_id=self.tokenizer.mask_id,
+                seed=seed,
+                phase=phase,
+            )
+        # Diffusion's weighted loss bounds the NLL of the whole window, so all its tokens are targets.
+        targets = c.labels if s.objective == "diffusion" else c.labels[c.loss_mask]
+        return Batch(
+            input_ids=c.input_ids,
+            labels=c.labels,
+            loss_mask=c.loss_mask,
+            loss_weight=c.loss_weight,
+            sample_ids=torch.from_numpy(window_ids),
+            attention_mode=s.attention_mode,
+            objective=s.objective,
+            n_target_tokens=int(targets.numel()),
+            n_target_bytes=int(self._byte_lengths[targets].sum()),
+            mask_rates=c.mask_rates,
+        )
+
+    # ---- corpora ----------------------------------------------------------------------------
+
+    def _stream(self, paths: tuple[str, ...], text_field: str) -> TokenSplits:
+        """Token streams of a corpus, tokenized with the run's tokenizer (loaded once per run)."""
+        key = (paths, text_field)
+        if key not in self._streams:
+            if isinstance(self.tokenizer, DummyTokenizer):
+                raise DataError(
+                    f"data.use_dummy_data is true, but a phase asks for the corpus {describe(list(paths)) or 'built-in'}; "
+                    "drop the phase's data_config.paths or set data.use_dummy_data: false"
+                )
+            corpus = load_corpus(paths, text_field)
+            self._streams[key] = load_token_splits(
+                corpus,
+                self.tokenizer,
+                val_fraction=self.config.data.val_fraction,
+                text_field=text_field,
+                cache_dir=self.cache_dir,
+            )
+        return self._streams[key]
+
+    def _check_schedule(self) -> None:
+        # Fail at construction, not hours into a run, if a later phase's corpus or seq_len cannot work.
+        data, training = self.config.data, self.config.training
+        for phase in self.config.schedule or []:
+            d = phase.data_config
+            paths = tuple(d.paths) if d.paths is not None else tuple(data.paths)
+            stream = self._stream(paths, d.text_field or data.text_field)
+            _check_size(stream, d.seq_len or training.seq_len)
+
+    def save_tokenizer(self, run_dir: str | os.PathLike[str]) -> Path:
+        return self.tokenizer.save(run_dir)
+
+
+def _check_size(stream: TokenSplits, seq_len: int) -> None:
+    width = seq_len + 1
+    for split, tokens, fix in (
+        ("training", stream.train, "add text to the corpus or lower training.seq_len"),
+        (
+            "validation",
+            stream.val,
+            "raise data.val_fraction, add text to the corpus, or lower training.seq_len",
+        ),
+    ):
+        if len(tokens) < width:
+            raise DataError(
+                f"{stream.name}: the {split} split has {len(tokens)} tokens, fewer than one sequence of "
+                f"seq_len+1 = {width} tokens; {fix}",
+                stream.name,
+            )
+
+
+@lru_cache(maxsize=8)
+def _permutation(seed: int, phase: int, epoch: int, n: int) -> np.ndarray:
+    """The window order of one epoch of one phase (cached: consecutive steps share it)."""
+    return np.random.default_rng(stable_seed("permutation", seed, phase, epoch, n)).permutation(n)

@@ -1,0 +1,131 @@
+"""Where metrics go: `metrics.jsonl` always, TensorBoard when installed, and the console.
+
+On a terminal the console shows a tqdm bar; elsewhere (CI, pipes) it prints one plain line per
+logged step, because tqdm writes carriage-return updates that become one garbled line in logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them readable
+    return value
+
+
+class MetricsLogger:
+    """One JSON object per logged step (`"kind": "step"`) and per event (`transition`, `eval`, ...)."""
+
+    def __init__(
+        self, run_dir: str | Path | None, total_steps: int, console: bool = True, stream: TextIO | None = None
+    ):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.total_steps = total_steps
+        self.stream = stream or sys.stderr
+        self.console = console
+        self._file = None
+        self._tb = None
+        self._bar = None
+        self.lines = 0  # records in metrics.jsonl; a checkpoint stores it so resume can truncate
+        if self.run_dir is not None:
+            path = self.run_dir / "metrics.jsonl"
+            self.lines = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
+            self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._tb = _tensorboard_writer(self.run_dir / "tb")
+        if console and _is_terminal(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, file=self.stream, dynamic_ncols=True, leave=True)
+
+    @staticmethod
+    def truncate(run_dir: str | Path, keep_lines: int) -> int:
+        """Keep the first `keep_lines` records: a resumed run redoes whatever was logged after its
+        checkpoint, so no step appears twice. Returns how many records were dropped."""
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines[:keep_lines] if line.endswith("\n")]  # a torn last line goes too
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        return len(lines) - len(kept)
+
+    def record(self, kind: str, **fields: Any) -> None:
+        entry = {"kind": kind, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in fields.items()}}
+        if self._file is not None:
+            self._file.write(json.dumps(entry) + "\n")
+            self._file.flush()
+            self.lines += 1
+        if self._tb is not None and "step" in fields:
+            for key, value in fields.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, fields["step"])
+
+    def step(self, **fields: Any) -> None:
+        self.record("step", **fields)
+        if self._bar is not None:
+            self._bar.n = fields["step"]
+            self._bar.set_postfix_str(
+                f"{fields.get('phase', '')} loss {fields.get('loss', float('nan')):.4f}"
+            )
+        elif self.console:
+            self.say(
+                f"step {fields['step']:>6}/{self.total_steps}  t={fields['t']:.3f}  {fields.get('phase', '')}  "
+                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  {fields.get('tokens_per_s', 0):,.0f} tok/s"
+            )
+
+    def say(self, message: str) -> None:
+        if not self.console:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _tensorboard_writer(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(path))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (torn lines skipped)."""
+    records = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,40 @@
+"""Loss and quality figures computed from a model's logits and a `Batch`."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from stackwise.data.batch import Batch
+
+
+def token_loss(
+    logits: torch.Tensor, batch: Batch, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Cross-entropy over the batch's loss positions, each weighted by `batch.loss_weight`.
+
+    "sum" gives Σ ce·w in nats (what bits per byte accumulates); "mean" divides that by
+    `batch.n_target_tokens`: the number of loss positions for clm and mlm (a plain mean), and
+    B·T for diffusion (the MDLM/LLaDA normalization of the 1/r-weighted masked loss).
+    Cross-entropy is computed in fp32 whatever the logits' dtype.
+    """
+    where = batch.loss_mask
+    ce = F.cross_entropy(logits[where].float(), batch.labels[where], reduction="none")
+    total = (ce * batch.loss_weight[where]).sum()
+    return total if reduction == "sum" else total / batch.n_target_tokens
+
+
+def bits_per_byte(total_loss_nats: float, n_bytes: int) -> float:
+    """bits/byte = total_loss_nats / (ln 2 · n_bytes).
+
+    `total_loss_nats` is the summed (not averaged) loss over the target tokens, e.g. the sum of
+    `token_loss(..., reduction="sum")` over the validation batches, and `n_bytes` the UTF-8 byte
+    count of those same target tokens (the sum of `batch.n_target_bytes`). Dividing by bytes
+    instead of tokens makes runs with different tokenizers comparable.
+    """
+    if n_bytes <= 0:
+        raise ValueError(f"bits per byte needs a positive byte count, got {n_bytes}")
+    return total_loss_nats / (math.log(2) * n_bytes)

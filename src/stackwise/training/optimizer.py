@@ -1,0 +1,222 @@
+"""The optimizer plane: parameter groups, building (with state carried across phases), lr setting.
+
+Groups: every trainable parameter falls in exactly one group keyed by (decay, lr scale):
+- decay: parameters with ndim >= 2 (weight matrices and embeddings) get the weight decay;
+  norms' gains and biases (ndim < 2) get none, as usual for transformers;
+- lr scale: `lr_scale` maps fnmatch patterns over parameter names to lr multipliers; the FIRST
+  pattern (in the mapping's order, i.e. the YAML order) that matches a name wins, else 1.0.
+
+Each group dict carries `names`, `lr_scale`, `label` and `weight_decay`, so an optimizer built
+here can always say which parameter is which (`optimizer_param_names`). See docs/schedule.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from stackwise.config import ConfigError, OptimizerConfig, value_at
+from stackwise.specs import OptimizerSpec
+
+# Optimizers whose per-parameter state has the same meaning can hand it over at a rebuild:
+# Adam and AdamW both keep (step, exp_avg, exp_avg_sq); SGD keeps a momentum buffer.
+_STATE_FAMILY = {"AdamW": "adam", "Adam": "adam", "SGD": "sgd"}
+
+
+def _lr_scale_for(name: str, patterns: Mapping[str, float]) -> float:
+    """The multiplier of the first pattern that matches `name` (1.0 when none does)."""
+    for pattern, scale in patterns.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(scale)
+    return 1.0
+
+
+def _check_scales(patterns: Mapping[str, float]) -> None:
+    bad = [
+        (f"optimizer.lr_scale.{p}", "must be a finite number >= 0", s)
+        for p, s in patterns.items()
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0
+    ]
+    if bad:
+        raise ConfigError(bad)
+
+
+def _group_label(decay: bool, scale: float) -> str:
+    kind = "decay" if decay else "no_decay"
+    # repr keeps distinct scales distinct (":g" would merge 0.1 and 0.1000001 into one label).
+    return kind if scale == 1.0 else f"{kind}:lr_scale={scale!r}"
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """Trainable parameters of `model` split into (decay, lr scale) groups, in first-seen order.
+
+    `named_parameters()` lists a tied parameter once (under its first name), so it lands in
+    exactly one group.
+    """
+    _check_scales(cfg.lr_scale)
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim >= 2
+        scale = _lr_scale_for(name, cfg.lr_scale)
+        group = groups.get((decay, scale))
+        if group is None:
+            group = groups[(decay, scale)] = {
+                "params": [],
+                "names": [],
+                "label": _group_label(decay, scale),
+                "lr_scale": scale,
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    previous: torch.optim.Optimizer | None = None,
+    lr: float | None = None,
+) -> torch.optim.Optimizer:
+    """An optimizer over exactly the trainable parameters of `model`.
+
+    `lr` is the base lr to start with (default: the configured lr at τ = 0); each group runs at
+    base × its lr_scale. With `previous`, optimizer state is carried over (see `carry_state`).
+    """
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: nothing for the optimizer to update")
+    base_lr = value_at(cfg.lr, 0.0) if lr is None else float(lr)
+    for group in groups:
+        group["lr"] = base_lr * group["lr_scale"]
+    optimizer = _construct(cfg, groups, base_lr)
+    if previous is not None:
+        carry_state(previous, optimizer, model)
+    return optimizer
+
+
+def _construct(cfg: OptimizerConfig, groups: list[dict[str, Any]], base_lr: float) -> torch.optim.Optimizer:
+    # foreach=None lets torch choose (multi-tensor kernels on CUDA, per-tensor loop on CPU).
+    # fused=False: the fused kernels are CUDA-only for SGD and numerically not bit-equal to the
+    # loop, which would break "a resumed CPU run equals the uninterrupted one". On CUDA, fused=True
+    # AdamW is a few percent faster; enable it there if bitwise equality with CPU is not needed.
+    impl = {"foreach": None, "fused": False}
+    if cfg.optimizer_type == "AdamW":
+        return torch.optim.AdamW(
+            groups, lr=base_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl
+        )
+    if cfg.optimizer_type == "Adam":
+        # Adam's weight decay is L2 added to the gradient (coupled), unlike AdamW's decoupled decay.
+        return torch.optim.Adam(
+            groups, lr=base_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl
+        )
+    return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
+
+
+def carry_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Hand `previous`'s per-parameter state (moments, step counts) to `optimizer`; return how
+    many parameters kept their state.
+
+    A parameter keeps its state when it is the very tensor `previous` updated, or, failing that,
+    when `previous` updated a parameter of the same name and shape that is no longer part of the
+    model (the model was rebuilt). The identity rule comes first because names move: prepending a
+    stack renames stack 0 to stack 1, and the new stack 0 must start fresh rather than inherit the
+    old stack 0's moments. Parameters no longer trainable are not in `optimizer`, so their state is
+    dropped; parameters new to training start fresh. State is only handed over between optimizers
+    whose state means the same thing (Adam ↔ AdamW; SGD ↔ SGD); otherwise everything starts fresh.
+    """
+    if _STATE_FAMILY.get(type(previous).__name__) != _STATE_FAMILY.get(type(optimizer).__name__):
+        return 0
+    old_by_name = dict(zip(_names_or_empty(previous), _params(previous), strict=False))
+    in_model = {id(p) for p in model.parameters()}
+    carried = 0
+    for name, param in zip(optimizer_param_names(optimizer), _params(optimizer), strict=True):
+        source = param if param in previous.state else old_by_name.get(name)
+        if source is None or source not in previous.state:
+            continue
+        if source is not param and (id(source) in in_model or source.shape != param.shape):
+            continue
+        optimizer.state[param] = _state_for(previous.state[source], param)
+        carried += 1
+    return carried
+
+
+def _state_for(state: Mapping[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    """The same state tensors, moved only if the parameter changed device or dtype."""
+    out = {}
+    for key, value in state.items():
+        needs_move = isinstance(value, torch.Tensor) and key != "step" and value.shape == param.shape
+        if needs_move and (value.device != param.device or value.dtype != param.dtype):
+            value = value.to(device=param.device, dtype=param.dtype)
+        out[key] = value
+    return out
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _names_or_empty(optimizer: torch.optim.Optimizer) -> list[str]:
+    try:
+        return optimizer_param_names(optimizer)
+    except ValueError:
+        return []  # not built here: only the identity rule can carry its state
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the parameters `optimizer` updates, in its own order (built by `build_optimizer`)."""
+    names: list[str] = []
+    for i, group in enumerate(optimizer.param_groups):
+        if "names" not in group or len(group["names"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {i} has no parameter names: build the optimizer with build_optimizer()"
+            )
+        names.extend(group["names"])
+    return names
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    """Set each group's lr to base_lr × its lr_scale (groups without a scale use 1.0)."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0)
+
+
+def clip_grad_norm(
+    parameters: torch.optim.Optimizer | Iterable[torch.Tensor], max_norm: float | None
+) -> torch.Tensor:
+    """Global L2 norm of the gradients, clipped to `max_norm` unless it is None.
+
+    Returns the norm before clipping as a 0-d tensor (no device sync: call `.item()` when logging).
+    """
+    params = _params(parameters) if isinstance(parameters, torch.optim.Optimizer) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm is None:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+    return nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+
+def optimizer_spec(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> OptimizerSpec:
+    """The spec `validate_training_state` checks: type, hyperparameters, and parameters by name."""
+    optimizer_type = type(optimizer).__name__  # the real object, so a mismatch with cfg shows
+    return OptimizerSpec(
+        optimizer_type=optimizer_type,
+        lr=float(cfg.lr) if isinstance(cfg.lr, (int, float)) else float(cfg.lr.peak),
+        weight_decay=float(cfg.weight_decay),
+        betas=(float(cfg.betas[0]), float(cfg.betas[1])),
+        eps=float(cfg.eps),
+        momentum=float(cfg.momentum) if optimizer_type == "SGD" else 0.0,
+        grad_clip=cfg.grad_clip,
+        param_names=sorted(optimizer_param_names(optimizer)),
+        groups={
+            g.get("label", f"group{i}"): sorted(g["names"]) for i, g in enumerate(optimizer.param_groups)
+        },
+    )
