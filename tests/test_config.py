@@ -214,3 +214,10 @@ def test_missing_and_directory_paths(tmp_path):
         with pytest.raises(ConfigError) as err:
             StackWiseConfig.from_yaml(bad)
         assert str(bad) in str(err.value)
+
+
+def test_overrides_rederive_defaults(short_form_path):
+    cfg = StackWiseConfig.from_yaml(short_form_path)
+    assert cfg.model.ffn_hidden == 688
+    bigger = cfg.with_overrides(["model.d_model=512", "model.n_heads=4"])
+    assert bigger.model.ffn_hidden == 1376 and bigger.model.n_kv_heads == 4

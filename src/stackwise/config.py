@@ -498,8 +498,11 @@ class StackWiseConfig(_Section):
         return text
 
     def with_overrides(self, overrides: Iterable[str]) -> StackWiseConfig:
-        """Return a copy with `a.b.c=value` overrides applied (values parsed as YAML scalars)."""
-        data = self.to_dict()
+        """Return a copy with `a.b.c=value` overrides applied (values parsed as YAML scalars).
+
+        Overrides apply to what was given, not to derived defaults, so `model.d_model=512`
+        re-derives `ffn_hidden` and `model.n_heads=4` re-derives `n_kv_heads`."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
         problems = []
         for item in overrides:
             try:

@@ -93,11 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = StackWiseConfig.from_yaml(run_dir / "config.yaml")
-    if args.data:
-        config = config.with_overrides([f"data.paths=[{args.data!r}]", "schedule=null"]) if config.schedule else \
-            config.with_overrides([f"data.paths=[{args.data!r}]"])
-    machine = TrainingMachine.for_evaluation(config, run_dir)
+    machine = TrainingMachine.for_evaluation(run_dir, data_paths=[args.data] if args.data else None)
     result = machine.evaluate(max_batches=args.batches)
     print(f"validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte (step {machine.step}, {run_dir})")
     return 0

@@ -103,6 +103,8 @@ class TrainingMachine:
         console: bool = True,
     ):
         self.config = StackWiseConfig.load(config)
+        if resume is not None:
+            self.config = _with_run_tokenizer(self.config, Path(resume))
         self.total_steps = self.config.resolved_total_steps(total_steps)
         if self.config.training.total_steps != self.total_steps:
             # The resolved config on disk says how long the run is, so it alone can rerun it.
@@ -347,6 +349,24 @@ class TrainingMachine:
 
     # ---- checkpoint and resume ----------------------------------------------------------
 
+    @classmethod
+    def for_evaluation(cls, run_dir: str | os.PathLike[str], data_paths: list[str] | None = None) -> TrainingMachine:
+        """A machine holding a finished (or interrupted) run's newest good checkpoint, for
+        evaluation or generation. Nothing in the run directory is written."""
+        run_dir = Path(run_dir)
+        config = _with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
+        manager = CheckpointManager(run_dir)
+        bad: list[str] = []
+        ckpt = manager.latest_good(on_bad=lambda path, why: bad.append(why))
+        if ckpt is None:
+            detail = f" ({'; '.join(bad)})" if bad else ""
+            raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
+        machine = cls(config, run_dir=False, console=False)
+        machine._restore(ckpt)
+        if data_paths:
+            machine.data.loader.configure(**{**machine.data.settings, "paths": list(data_paths)})
+        return machine
+
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
@@ -453,6 +473,14 @@ def _load_weights(model: StackWiseModel, ckpt: Checkpoint) -> None:
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}")
     model.load_state_dict(ckpt.tensors, strict=False)
+
+
+def _with_run_tokenizer(config: StackWiseConfig, run_dir: Path) -> StackWiseConfig:
+    """A resumed or evaluated run uses the tokenizer it was trained with, saved in its folder."""
+    saved = run_dir / "tokenizer.json"
+    if config.data.tokenizer.kind == "bpe" and config.data.tokenizer.path is None and saved.is_file():
+        return config.with_overrides([f"data.tokenizer.path={str(saved)!r}"])
+    return config
 
 
 def _pick_device(name: str) -> torch.device:
