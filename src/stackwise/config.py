@@ -198,6 +198,7 @@ class OptimizerConfig(_Section):
 
 class TrainingConfig(_Section):
     batch_size: int = Field(default=8, ge=1)
+    progressive: ProgressiveConfig = Field(default_factory=lambda: ProgressiveConfig())
     seq_len: int = Field(default=128, ge=2)
     total_steps: int | None = Field(default=None, ge=1, description="run length; TrainingMachine(total_steps=) overrides")
     grad_accum_steps: int = Field(default=1, ge=1)
@@ -294,7 +295,7 @@ class PhaseModelConfig(_Section):
     grow: GrowConfig | None = None
     trainable: Union[Literal["new", "all"], str, list[int]] = "all"  # noqa: UP007
     trunk: Literal["frozen", "qlora", "trainable"] = "frozen"
-    trunk_precision: Precision = "fp32"
+    trunk_precision: Precision | None = Field(default=None, description="storage of the trunk; default fp32, nf4 for qlora")
     embedding: Literal["auto", "trainable", "frozen"] = Field(
         default="auto", description="auto: frozen when the stack nearest it is in a frozen/qlora trunk"
     )
@@ -310,6 +311,18 @@ class PhaseModelConfig(_Section):
             if head != "last" or not k.isdigit() or int(k) < 1:
                 raise ValueError("use 'new', 'all', 'last:K' (K >= 1) or a list of stack indices")
         return v
+
+
+class ProgressiveConfig(_Section):
+    """Growth settings used by `ProgressiveTrainer.train_rack` (one phase per new stack)."""
+
+    target_stacks: int | None = Field(default=None, ge=1)
+    where: Literal["append", "prepend"] = "append"
+    init: Literal["random", "copy", "identity"] = "identity"
+    trunk: Literal["frozen", "qlora", "trainable"] = "frozen"
+    trunk_precision: Precision | None = Field(default=None, description="storage of the trunk; default fp32, nf4 for qlora")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    head: Literal["trainable", "frozen"] = "trainable"
 
 
 class PhaseDataConfig(_Section):
@@ -389,6 +402,8 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = False
+    activation_cache: bool = Field(default=True, description="cache a frozen trunk's output per sample when valid")
+    cache_ram_mb: int = Field(default=2048, ge=0, description="RAM for cached activations; the rest spills to files")
     eval_every: int = Field(default=100, ge=1)
     eval_batches: int = Field(default=8, ge=1)
     log_every: int = Field(default=10, ge=1)
@@ -396,7 +411,6 @@ class RunConfig(_Section):
     checkpoint_at_transitions: bool = True
     keep_last: int = Field(default=3, ge=1)
     threads: int | None = Field(default=None, ge=1, description="CPU threads; default: torch's choice")
-    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @field_validator("name")
     @classmethod
@@ -406,6 +420,8 @@ class RunConfig(_Section):
             raise ValueError("must be a plain folder name (no '/', '\\', '.' or '..')")
         return v
 
+
+TrainingConfig.model_rebuild()
 
 # --------------------------------------------------------------------------------------------
 # the whole config

@@ -1,4 +1,4 @@
-"""The `stackwise` command: train, plan, plot, eval.
+"""The `stackwise` command: train, plan, plot, eval, generate.
 
 Every user error (bad config, data, checkpoint or arguments) prints one message and exits 2.
 """
@@ -99,6 +99,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give the text to continue")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--top-k", args.top_k), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive count, got {value}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stackwise.model.sampling import generate_text
+    from stackwise.training.machine import TrainingMachine
+
+    _check_generate_args(args)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
+    machine = TrainingMachine.for_evaluation(run_dir)
+    # The checkpoint's phase decides the objective: a run may switch it between phases.
+    objective = machine.data.settings.get("objective", machine.config.data.objective)
+    try:
+        text = generate_text(
+            machine.model, machine.data.tokenizer, args.prompt, objective=objective,
+            max_new_tokens=args.max_new_tokens, steps=args.steps, temperature=args.temperature,
+            top_k=args.top_k, seed=args.seed,
+        )
+    except ValueError as err:  # e.g. prompt + tokens longer than the model's max_seq_len
+        raise UsageError(str(err)) from None
+    print(args.prompt + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackwise", description="Train transformers along an explicit timeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="PATH", help="evaluate on this corpus instead of the run's")
     ev.add_argument("--batches", type=int, default=None, help="validation batches (default: all)")
     ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a run's newest checkpoint")
+    gen.add_argument("run_dir", metavar="RUN_DIR")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
+    gen.add_argument("--steps", type=int, default=16, help="mlm/diffusion: unmasking rounds (default: 16)")
+    gen.add_argument("--seed", type=int, default=None, help="makes the output reproducible (default: random)")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

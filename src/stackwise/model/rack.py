@@ -29,9 +29,12 @@ class Stack(nn.Module):
             init_block_(block, cfg.init_std, cfg.n_blocks)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention_mode: str = "causal") -> torch.Tensor:
+        # A stack stored in bf16/fp16 computes in its own dtype and hands fp32 back to the rack.
+        dtype = self.blocks[0].attn_norm.weight.dtype
+        h = x.to(dtype)
         for block in self.blocks:
-            x = block(x, rope, attention_mode)
-        return x
+            h = block(h, rope, attention_mode)
+        return h.to(x.dtype)
 
     def freeze(self) -> None:
         self.requires_grad_(False)

@@ -3,12 +3,15 @@
 from typing import Any
 
 from stackwise.training.loader import ProgressiveDataLoader
+from stackwise.training.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
 
 __all__ = [
     "Phase",
     "PhaseSchedule",
     "ProgressiveDataLoader",
+    "ProgressiveRackBuilder",
+    "ProgressiveTrainer",
     "TimeController",
     "TrainResult",
     "TrainingMachine",

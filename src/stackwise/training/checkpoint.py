@@ -68,19 +68,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def unaliased_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with tied (shared-storage) tensors kept once, under their first name."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in module.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().cpu().contiguous()
-    return out
-
-
 class CheckpointManager:
     """Writes, lists, verifies and prunes the checkpoints of one run directory."""
 

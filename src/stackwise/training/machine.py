@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from stackwise import __version__
-from stackwise.config import StackWiseConfig
+from stackwise.config import Ramp, StackWiseConfig
 from stackwise.data.batch import Batch
 from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
 from stackwise.framework.factories import build_data_loader, build_model
 from stackwise.model import StackWiseModel
+from stackwise.model.lora import flat_state, load_flat_state
 from stackwise.specs import validate_training_state
-from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager, unaliased_state
+from stackwise.training.cache import TrunkCache
+from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.metrics import bits_per_byte
 from stackwise.training.optimizer import clip_grad_norm, optimizer_param_names
@@ -125,7 +127,8 @@ class TrainingMachine:
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
-        self._forward = torch.compile(self._forward_hidden) if self.config.run.compile else self._forward_hidden
+        spill = self.run_dir / "cache" if self.run_dir else None
+        self.cache = TrunkCache(self.config.run.activation_cache, self.config.run.cache_ram_mb, spill)
 
         self.phase_index = -1
         self.transitions: list[Transition] = []
@@ -197,6 +200,22 @@ class TrainingMachine:
             validate_training_state(self.data.spec(), self.model_plane.spec(), self.optim.spec())
         except ValueError as err:
             raise TrainingError(f"phase {phase.name!r} (step {self.step}) does not fit together:\n{err}") from None
+        if self.config.run.compile:
+            compile_stacks(self.model)
+        self._open_cache(phase, index)
+
+    def _open_cache(self, phase: Phase, index: int) -> None:
+        first = self._first_trainable_stack()
+        settings = self.data.settings
+        reason = None
+        if first == 0:
+            reason = "the embedding or the bottom stack trains, so no frozen trunk lies below the trainable stacks"
+        elif settings["objective"] == "mlm" and isinstance(settings["mask_rate"], Ramp):
+            reason = "the mask rate ramps within the phase, so the trunk's input changes from step to step"
+        context = (self.model_plane.trunk_version, index)
+        message = self.cache.enter(context, reason, self.data.loader.n_train_windows, settings["seq_len"], self.model.cfg.d_model)
+        self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, message=message)
+        self.log.say(message)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -221,8 +240,8 @@ class TrainingMachine:
 
     def _update(self, batch: Batch) -> torch.Tensor:
         """Forward, backward (over grad_accum_steps micro-batches), clip, optimizer step."""
-        model, optimizer = self.model, self.optim.optimizer
-        model.train()
+        optimizer = self.optim.optimizer
+        self._train_mode()
         parts = self.config.training.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro in _split(batch, parts):
@@ -238,19 +257,38 @@ class TrainingMachine:
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    def _forward_hidden(self, input_ids: torch.Tensor, attention_mode: str, first_trainable: int) -> torch.Tensor:
-        model = self.model
-        if first_trainable == 0:
-            return model.rack(model.embedding(input_ids), attention_mode)
-        # Everything below the first trainable stack is frozen: run it without autograd.
-        with torch.no_grad():
-            trunk = model.forward_from(model.embedding(input_ids), 0, first_trainable, attention_mode)
-        return model.forward_from(trunk, first_trainable, None, attention_mode)
+    def _train_mode(self) -> None:
+        """Training mode for what trains; the frozen trunk below it runs as in evaluation (no
+        dropout), which keeps its output a pure function of the sample, hence cacheable."""
+        self.model.train()
+        first = self._first_trainable_stack()
+        if first > 0:
+            self.model.embedding.eval()
+            for stack in list(self.model.rack)[:first]:
+                stack.eval()
+
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        """The rack's output. Stacks below the first trainable one are frozen: they run without
+        autograd, and in training their output comes from the activation cache when it is on."""
+        model, mode = self.model, batch.attention_mode
+        first = self._first_trainable_stack()
+        if first == 0:
+            return model.rack(model.embedding(batch.input_ids), mode)
+        use_cache = self.cache.active and model.training
+        trunk = self.cache.cache.lookup(batch.sample_ids) if use_cache else None
+        if trunk is None:
+            with torch.no_grad():
+                trunk = model.forward_from(model.embedding(batch.input_ids), 0, first, mode)
+            if use_cache:
+                self.cache.cache.store(batch.sample_ids, trunk)
+        else:
+            trunk = trunk.to(self.device, non_blocking=True)
+        return model.forward_from(trunk, first, None, mode)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Σ cross-entropy · weight over the loss positions (nats). The head only sees the
         positions in the loss: masked objectives skip the ~85% of logits nobody scores."""
-        hidden = self._forward(batch.input_ids, batch.attention_mode, self._first_trainable_stack())
+        hidden = self._hidden(batch)
         if batch.objective == "clm":
             logits, labels, weight = self.model.head(hidden).flatten(0, 1), batch.labels.flatten(), None
         else:
@@ -331,6 +369,7 @@ class TrainingMachine:
             if self._saved_step != self.step:
                 self.save_checkpoint()
         finally:
+            self.cache.close()
             self.log.close()
         return self.result()
 
@@ -396,7 +435,7 @@ class TrainingMachine:
             "rack": self.model.rack.to_spec().to_dict(),
             "stackwise_version": __version__,
         }
-        path = self.checkpoints.save(self.step, unaliased_state(self.model), state, meta)
+        path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
         self._saved_step = self.step
         self.log.record("checkpoint", step=self.step, t=self.t, path=str(path))
         return path
@@ -464,15 +503,17 @@ def _split(batch: Batch, parts: int) -> list[Batch]:
 
 
 def _load_weights(model: StackWiseModel, ckpt: Checkpoint) -> None:
-    expected = unaliased_state(model)
-    missing = sorted(set(expected) - set(ckpt.tensors))
-    unexpected = sorted(set(ckpt.tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path}: weights do not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    for name, tensor in ckpt.tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}")
-    model.load_state_dict(ckpt.tensors, strict=False)
+    try:
+        load_flat_state(model, ckpt.tensors)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the model: {err}") from None
+
+
+def compile_stacks(model: StackWiseModel) -> None:
+    """torch.compile each stack once (new stacks are compiled when they appear)."""
+    for stack in model.rack:
+        if getattr(stack, "_compiled_call_impl", None) is None:
+            stack.compile()
 
 
 def _with_run_tokenizer(config: StackWiseConfig, run_dir: Path) -> StackWiseConfig:
