@@ -99,7 +99,7 @@ def set_roles(model: StackWiseModel, chosen: list[int], plane: PhaseModelConfig)
             adapt(stack, plane.lora, plane.trunk_precision)
         else:
             freeze(stack, plane.trunk_precision)
-    bottom_in_trunk = 0 not in chosen and plane.trunk == "frozen"
+    bottom_in_trunk = 0 not in chosen and plane.trunk != "trainable"
     embedding_trains = plane.embedding == "trainable" or (plane.embedding == "auto" and not bottom_in_trunk)
     model.head.requires_grad_(plane.head == "trainable")
     # With tied weights the shared matrix follows the embedding: it feeds the trunk, and a
