@@ -109,3 +109,15 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stackwise", "train", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_with_another_objective(tmp_path, capsys):
+    main(["train", str(write_config(tmp_path)), "data.objective=diffusion"])
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "cli"
+    assert main(["eval", str(run_dir), "--mask-range", "0.5", "0.5"]) == 0
+    half = float(capsys.readouterr().out.split()[2].rstrip(","))
+    assert main(["eval", str(run_dir), "--mask-range", "0.9", "0.9"]) == 0
+    ninety = float(capsys.readouterr().out.split()[2].rstrip(","))
+    assert half != ninety
+    assert main(["eval", str(run_dir), "--mask-range", "0.9", "0.1"]) == 2

@@ -264,3 +264,20 @@ def test_builder_operations_report_in_the_spec():
     assert builder.to_spec().roles[0] == "trainable"
     assert not any(isinstance(m, LoRALinear) for m in builder.rack[0].modules())
     assert isinstance(builder.model, StackWiseModel)
+
+
+# ---- per-stack precision -----------------------------------------------------------------------
+
+
+def test_stack_and_trunk_precision(tmp_path, corpus):
+    schedule = two_phases(trunk_precision="bf16", stack_precision={1: "bf16"})
+    machine = TrainingMachine(config(tmp_path, corpus, schedule), total_steps=6, run_dir=False, console=False)
+    fp32_bytes = 4 * sum(p.numel() for p in machine.model.rack[0].parameters())
+    while machine.step < 6:
+        out = machine.train_step()
+        assert torch.isfinite(out["loss"])
+    spec = machine.model.rack.to_spec()
+    assert spec.precisions == ["bf16", "bf16"] and spec.roles == ["frozen", "trainable"]
+    assert storage_bytes(machine.model.rack[0]) == fp32_bytes // 2
+    assert all(p.dtype == torch.bfloat16 for p in machine.model.rack[1].parameters())
+    assert machine.model.rack[1].blocks[0].mlp.up.weight.grad is None  # zeroed after the step

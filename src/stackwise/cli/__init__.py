@@ -93,7 +93,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
-    machine = TrainingMachine.for_evaluation(run_dir, data_paths=[args.data] if args.data else None)
+    if args.mask_range and not 0 < args.mask_range[0] <= args.mask_range[1] <= 1:
+        raise UsageError(f"--mask-range needs 0 < LO <= HI <= 1, got {args.mask_range}")
+    if args.mask_rate is not None and not 0 < args.mask_rate <= 1:
+        raise UsageError(f"--mask-rate must lie in (0, 1], got {args.mask_rate}")
+    machine = TrainingMachine.for_evaluation(
+        run_dir, paths=[args.data] if args.data else None, objective=args.objective,
+        mask_range=tuple(args.mask_range) if args.mask_range else None, mask_rate=args.mask_rate,
+    )
     result = machine.evaluate(max_batches=args.batches)
     print(f"validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte (step {machine.step}, {run_dir})")
     return 0
@@ -156,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="validation loss and bits per byte of a run's newest checkpoint")
     ev.add_argument("run_dir", metavar="RUN_DIR")
     ev.add_argument("--data", metavar="PATH", help="evaluate on this corpus instead of the run's")
-    ev.add_argument("--batches", type=int, default=None, help="validation batches (default: all)")
+    ev.add_argument("--batches", type=int, default=None, help="validation batches (default: run.eval_batches)")
+    ev.add_argument("--objective", choices=["clm", "mlm", "diffusion"], help="score with this objective instead of the run's")
+    ev.add_argument("--mask-range", type=float, nargs=2, metavar=("LO", "HI"), help="diffusion: per-sample rate range")
+    ev.add_argument("--mask-rate", type=float, help="mlm: mask rate")
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="continue a prompt with a run's newest checkpoint")

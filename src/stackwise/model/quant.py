@@ -1,7 +1,8 @@
 """NF4 (4-bit NormalFloat, QLoRA) storage for frozen weights: the only module that imports torchao.
 
 torchao moved its NF4 code between releases (`torchao.dtypes.nf4tensor` → `torchao.quantization`),
-so every use goes through this module, which tries the known paths once at import.
+so every use goes through this module, which tries the known paths once, on first use: importing
+torchao costs over a second, which a run without NF4 (and every CLI start) should not pay.
 
 Block sizes: values are quantized in blocks of 64, and the per-block scales are themselves
 quantized to int8 in groups of `scaler_block_size`. torchao's default group of 256 needs the block
@@ -17,6 +18,7 @@ as its plain inner tensors plus an int64 metadata tensor, all under `<name>.__nf
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable, Mapping
@@ -62,21 +64,32 @@ def _import_torchao() -> tuple[type | None, Callable | None, Callable | None, st
             log.setLevel(level)
 
 
-NF4Tensor, _to_nf4, _linear_nf4, _IMPORT_ERROR = _import_torchao()
+@functools.cache
+def _torchao() -> tuple[type | None, Callable | None, Callable | None, str | None]:
+    return _import_torchao()
+
+
+def _nf4_class() -> type:
+    _require()
+    return _torchao()[0]
 
 
 def nf4_available() -> bool:
     """Whether torchao's NF4 tensor could be imported."""
-    return NF4Tensor is not None
+    return _torchao()[0] is not None
 
 
 def _require() -> None:
-    if NF4Tensor is None:
-        raise RuntimeError(f"NF4 storage needs torchao (`pip install torchao`); importing it failed: {_IMPORT_ERROR}")
+    if _torchao()[0] is None:
+        raise RuntimeError(f"NF4 storage needs torchao (`pip install torchao`); importing it failed: {_torchao()[3]}")
 
 
 def is_nf4(t: object) -> bool:
-    return NF4Tensor is not None and isinstance(t, NF4Tensor)
+    # Until torchao is imported no tensor can be an NF4Tensor: answer without importing it.
+    if "torchao" not in sys.modules or not isinstance(t, torch.Tensor):
+        return False
+    cls = _torchao()[0]
+    return cls is not None and isinstance(t, cls)
 
 
 def scaler_block_size_for(n_blocks: int) -> int:
@@ -105,7 +118,7 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"NF4 quantizes floating weights (fp32/bf16/fp16), got {weight.dtype}")
     n_blocks = weight.numel() // NF4_BLOCK_SIZE
     dense = weight.detach().contiguous()
-    return _to_nf4(dense, NF4_BLOCK_SIZE, scaler_block_size_for(n_blocks))
+    return _torchao()[1](dense, NF4_BLOCK_SIZE, scaler_block_size_for(n_blocks))
 
 
 def dequantize(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -119,8 +132,9 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ for a frozen NF4 weight, computed in x's dtype; gradients reach x only.
     torchao's linear_nf4 keeps the 4-bit weight for backward (a plain F.linear over the decoded
     weight would hold a dense copy per layer until backward)."""
-    if _linear_nf4 is not None:
-        return _linear_nf4(x, weight)
+    linear = _torchao()[2]
+    if linear is not None:
+        return linear(x, weight)
     return F.linear(x, dequantize(weight, x.dtype))
 
 
@@ -145,7 +159,7 @@ def nf4_clone(t: torch.Tensor) -> torch.Tensor:
 
 def _rebuild(like: torch.Tensor, inner: Mapping[str, torch.Tensor]) -> torch.Tensor:
     _, ctx = like.__tensor_flatten__()
-    return NF4Tensor.__tensor_unflatten__(dict(inner), ctx, like.shape, like.stride())
+    return _nf4_class().__tensor_unflatten__(dict(inner), ctx, like.shape, like.stride())
 
 
 def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +205,7 @@ def nf4_from_tensors(
     if device is not None:
         inner = {k: v.to(device) for k, v in inner.items()}
     try:
-        return NF4Tensor.__tensor_unflatten__(inner, _context(shape, meta, inner), shape, _contiguous_stride(shape))
+        return _nf4_class().__tensor_unflatten__(inner, _context(shape, meta, inner), shape, _contiguous_stride(shape))
     except (KeyError, AssertionError) as exc:
         raise ValueError(f"{name}: NF4 inner tensors {sorted(inner)} do not rebuild an NF4Tensor: {exc}") from exc
 
@@ -203,7 +217,7 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 def _context(shape: torch.Size, meta: list[int], inner: Mapping[str, torch.Tensor]) -> dict:
     """The flatten context NF4Tensor.__tensor_unflatten__ expects, from our stored metadata."""
     _, block_size, n_blocks, scaler_block_size, dtype_code = meta[:5]
-    args_type = sys.modules[NF4Tensor.__module__].SubclassTensorArgs
+    args_type = sys.modules[_nf4_class().__module__].SubclassTensorArgs
     device = next(iter(inner.values())).device
     tensor_meta = args_type(shape, _contiguous_stride(shape), 0, _CODE_DTYPES[dtype_code], device, False)
     return {

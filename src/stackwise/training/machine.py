@@ -389,9 +389,11 @@ class TrainingMachine:
     # ---- checkpoint and resume ----------------------------------------------------------
 
     @classmethod
-    def for_evaluation(cls, run_dir: str | os.PathLike[str], data_paths: list[str] | None = None) -> TrainingMachine:
+    def for_evaluation(cls, run_dir: str | os.PathLike[str], **data_settings: Any) -> TrainingMachine:
         """A machine holding a finished (or interrupted) run's newest good checkpoint, for
-        evaluation or generation. Nothing in the run directory is written."""
+        evaluation or generation. Nothing in the run directory is written. `data_settings`
+        (paths, objective, mask_rate, mask_range, seq_len, ...) replace those of the checkpoint's
+        phase, e.g. to score a run on another corpus or with another masking."""
         run_dir = Path(run_dir)
         config = _with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
         manager = CheckpointManager(run_dir)
@@ -402,8 +404,10 @@ class TrainingMachine:
             raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
         machine = cls(config, run_dir=False, console=False)
         machine._restore(ckpt)
-        if data_paths:
-            machine.data.loader.configure(**{**machine.data.settings, "paths": list(data_paths)})
+        given = {k: v for k, v in data_settings.items() if v is not None}
+        if given:
+            machine.data.settings = {**machine.data.settings, **given}
+            machine.data.loader.configure(**machine.data.settings)
         return machine
 
     def save_checkpoint(self) -> Path | None:
