@@ -9,7 +9,7 @@ from torch import nn
 from stackwise.config import ConfigError, LrSchedule, OptimizerConfig
 from stackwise.training.optimizer import (
     build_optimizer,
-    clip_grad_norm,
+    group_grad_norms,
     optimizer_param_names,
     optimizer_spec,
     param_groups,
@@ -234,6 +234,9 @@ def test_clip_grad_norm_reports_and_clips():
     model(torch.randint(0, V, (2, 5))).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     expected = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
-    assert clip_grad_norm(opt, None).item() == pytest.approx(expected, rel=1e-5)
-    assert clip_grad_norm(opt, expected / 4).item() == pytest.approx(expected, rel=1e-5)
-    assert clip_grad_norm(opt, None).item() == pytest.approx(expected / 4, rel=1e-4)
+    assert group_grad_norms(opt, None)[0].item() == pytest.approx(expected, rel=1e-5)
+    total, groups = group_grad_norms(opt, expected / 4)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    assert groups.shape == (len(opt.param_groups),)
+    assert torch.linalg.vector_norm(groups).item() == pytest.approx(expected, rel=1e-5)
+    assert group_grad_norms(opt, None)[0].item() == pytest.approx(expected / 4, rel=1e-4)

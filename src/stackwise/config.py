@@ -410,6 +410,9 @@ class RunConfig(_Section):
     checkpoint_every: int | None = Field(default=None, ge=1)
     checkpoint_at_transitions: bool = True
     keep_last: int = Field(default=3, ge=1)
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update (one host sync per step)"
+    )
     threads: int | None = Field(default=None, ge=1, description="CPU threads; default: torch's choice")
 
     @field_validator("name")

@@ -56,6 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         machine = TrainingMachine(config, total_steps=args.steps)
     print(f"run directory: {machine.run_dir}", file=sys.stderr)
     result = machine.train()
+    if result.stopped:
+        print(f"stopped by {result.stopped} after {result.steps} steps; resume with: stackwise train --resume {machine.run_dir}")
+        return 0
     plot = plot_run(machine.run_dir) if machine.run_dir else None
     val = f"{result.final_val_loss:.4f} ({result.final_val_bpb:.4f} bits/byte)" if result.final_val_loss is not None else "n/a"
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens in {result.wall_time:.1f}s; "
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stackwise.cli.plot import PlotError
     from stackwise.training.checkpoint import CheckpointError
     from stackwise.training.machine import TrainingError
 
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SpecError, CheckpointError, TrainingError, UsageError) as err:
+    except (ConfigError, DataError, SpecError, CheckpointError, TrainingError, PlotError, UsageError) as err:
         print(f"stackwise {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

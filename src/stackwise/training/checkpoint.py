@@ -55,6 +55,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the description itself (all fields but this one), so a flipped bit in
+    meta.json is caught like one in the files it describes."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -98,6 +105,7 @@ class CheckpointManager:
                 "step": step,
                 "sha256": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
             }
+            meta["meta_sha256"] = _meta_digest(meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             for name in (MODEL_FILE, STATE_FILE, META_FILE):
                 _fsync_file(tmp / name)
@@ -120,6 +128,27 @@ class CheckpointManager:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
+
+    def recover(self) -> list[str]:
+        """Tidy after a crash: drop half-written temporary folders, and put back a checkpoint that
+        was moved aside for a re-save when the crash came before its replacement landed.
+        Returns what was done, for the log."""
+        done: list[str] = []
+        if not self.root.is_dir():
+            return done
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(".old-"):
+                final = self.root / path.name[len(".old-"):].rsplit("-", 1)[0]
+                if final.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    done.append(f"removed {path.name}")
+                else:
+                    os.rename(path, final)
+                    done.append(f"restored {final.name}")
+            elif path.name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"removed unfinished {path.name}")
+        return done
 
     def prune(self) -> None:
         for path in self.list()[: -self.keep_last]:
@@ -154,6 +183,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: unreadable ({err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or "step" not in meta:
         raise CheckpointError(f"{meta_path}: not a stackwise checkpoint description")
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"{meta_path}: checksum mismatch (modified or damaged)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{meta_path}: format version {meta.get('format_version')!r}, this stackwise reads {FORMAT_VERSION}"

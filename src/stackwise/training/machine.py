@@ -12,11 +12,12 @@ trainable parameters, carrying state over by name); `validate_training_state`.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,7 @@ from stackwise.training.cache import TrunkCache
 from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.metrics import bits_per_byte
-from stackwise.training.optimizer import clip_grad_norm, optimizer_param_names
+from stackwise.training.optimizer import group_grad_norms, optimizer_param_names
 from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
 
 
@@ -74,6 +75,7 @@ class TrainResult:
     transitions: list[Transition] = field(default_factory=list)
     run_dir: str | None = None
     losses: list[float] = field(default_factory=list)
+    stopped: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT), if any
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -118,7 +120,7 @@ class TrainingMachine:
         if self.config.run.threads:
             torch.set_num_threads(self.config.run.threads)
         self.run_dir = _prepare_run_dir(self.config, run_dir, resume)
-        if self.run_dir is not None:
+        if self.run_dir is not None and resume is None:  # a resumed run rewrites it once restored
             self.config.to_yaml(self.run_dir / "config.yaml")
         torch.manual_seed(self.config.training.seed)
 
@@ -140,6 +142,9 @@ class TrainingMachine:
         self._window_tokens = 0
         self._wall = 0.0
         self._saved_step = -1  # the step of the newest checkpoint on disk (saved or resumed from)
+        self._first_bad_step = torch.tensor(-1, device=self.device)
+        self._bad_group_norms = torch.zeros(0, device=self.device)  # sized per phase
+        self._grad_norm = torch.zeros(())
         self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
         self.log = MetricsLogger(self.run_dir, self.total_steps, console=console)
         if resume is not None:
@@ -189,12 +194,14 @@ class TrainingMachine:
         self._enter_phase(index)
 
     def _enter_phase(self, index: int) -> None:
+        self._check_finite()  # a fault of the old phase is reported before its structure changes
         phase = self.schedule.phases[index]
         start_step = self.schedule.step_ranges(self.total_steps)[index][0]
         self.model_plane.enter_phase(phase, index)
         self.model.to(self.device)
         self.data.enter_phase(phase, index, start_step)
         self.optim.enter_phase(self.model, phase)
+        self._size_fault_flags()
         self.phase_index = index
         try:
             validate_training_state(self.data.spec(), self.model_plane.spec(), self.optim.spec())
@@ -252,10 +259,43 @@ class TrainingMachine:
             loss = loss_sum / batch.n_target_tokens
             loss.backward()
             total += loss.detach()
-        clip_grad_norm(optimizer, self.optim.cfg.grad_clip)
+        norm, group_norms = group_grad_norms(optimizer, self.optim.cfg.grad_clip)
+        self._grad_norm = norm
+        finite = torch.isfinite(total) & torch.isfinite(norm)
+        if self.config.run.on_nonfinite == "skip_step":
+            if not bool(finite):  # the one host sync per step this mode costs
+                optimizer.zero_grad(set_to_none=True)
+                self.log.record("skip", step=self.step, t=self.t, phase=self.phase.name,
+                                groups=self._group_labels(torch.isfinite(group_norms)))
+                return total
+        else:
+            # Remember the first non-finite step and its group norms on the device; the run
+            # stops at the next host sync (log step or checkpoint), naming that step.
+            first = self._first_bad_step < 0
+            self._first_bad_step = torch.where(first & ~finite, self.step, self._first_bad_step)
+            self._bad_group_norms = torch.where(first & ~finite, group_norms, self._bad_group_norms)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _size_fault_flags(self) -> None:
+        self._bad_group_norms = torch.zeros(len(self.optim.optimizer.param_groups), device=self.device)
+
+    def _group_labels(self, finite: torch.Tensor) -> list[str]:
+        groups = self.optim.optimizer.param_groups
+        return [g.get("label", str(i)) for i, (g, ok) in enumerate(zip(groups, finite.tolist(), strict=True)) if not ok]
+
+    def _check_finite(self) -> None:
+        """Stop if a non-finite loss or gradient appeared since the last check (a host sync)."""
+        bad_step = int(self._first_bad_step)
+        if bad_step < 0:
+            return
+        phase = self.schedule.phase_at_step(bad_step, self.total_steps).name
+        groups = self._group_labels(torch.isfinite(self._bad_group_norms)) or ["(the loss itself)"]
+        message = (f"non-finite loss or gradient at step {bad_step} (t={bad_step / self.total_steps:.4f}, phase {phase!r}), "
+                   f"parameter groups {groups}; no checkpoint was written after it")
+        self.log.record("error", step=bad_step, phase=phase, groups=groups, message=message)
+        raise TrainingError(message + ": lower the learning rate, enable gradient clipping, or set run.on_nonfinite=skip_step")
 
     def _train_mode(self) -> None:
         """Training mode for what trains; the frozen trunk below it runs as in evaluation (no
@@ -329,16 +369,14 @@ class TrainingMachine:
         values = torch.stack(self._pending_losses).tolist()
         self._pending_losses.clear()
         self.losses.extend(values)
+        self._check_finite()
         loss = values[-1]
-        if not math.isfinite(loss):
-            self.log.record("error", step=step, t=t, phase=phase.name, message="non-finite loss")
-            raise TrainingError(f"loss became {loss} at step {step} (t={t:.4f}, phase {phase.name!r}); "
-                                "lower the learning rate or enable gradient clipping")
         elapsed = time.perf_counter() - self._window_start
         self.log.step(
             step=step, t=t, phase=phase.name, loss=loss, loss_mean=sum(values) / len(values), lr=lr,
             tokens=self.tokens_seen, tokens_per_s=self._window_tokens / max(elapsed, 1e-9),
-            trainable_params=self.model.num_parameters(trainable_only=True), peak_mem_mb=_peak_memory_mb(self.device),
+            grad_norm=float(self._grad_norm), trainable_params=self.model.num_parameters(trainable_only=True),
+            peak_mem_mb=_peak_memory_mb(self.device),
         )
         self._window_start, self._window_tokens = time.perf_counter(), 0
 
@@ -360,14 +398,27 @@ class TrainingMachine:
         return result
 
     def train(self) -> TrainResult:
-        """Run to t = 1 (from wherever the machine stands) and return the result."""
+        """Run to t = 1 (from wherever the machine stands) and return the result.
+
+        SIGTERM or SIGINT (Ctrl-C) stop the run gracefully: the current step finishes, a
+        checkpoint is written, and the result says `stopped`; a second Ctrl-C interrupts at once.
+        """
+        self.stopped = None
         try:
-            while not self.time.done:
-                self.train_step()
-            if self.losses and not self.last_eval:
-                self.evaluate()
-            if self._saved_step != self.step:
+            with _StopSignals() as stop:
+                while not self.time.done and stop.signal is None:
+                    self.train_step()
+                self.stopped = stop.signal
+            if self.stopped:
                 self.save_checkpoint()
+                where = f"; resume with: stackwise train --resume {self.run_dir}" if self.run_dir else ""
+                self.log.record("stop", step=self.step, t=self.t, signal=self.stopped)
+                self.log.say(f"stopped by {self.stopped} after {self.step} steps{where}")
+            else:
+                if self.losses and not self.last_eval:
+                    self.evaluate()
+                if self._saved_step != self.step:
+                    self.save_checkpoint()
         finally:
             self.cache.close()
             self.log.close()
@@ -384,6 +435,7 @@ class TrainingMachine:
             transitions=list(self.transitions),
             run_dir=str(self.run_dir) if self.run_dir else None,
             losses=list(self.losses),
+            stopped=getattr(self, "stopped", None),
         )
 
     # ---- checkpoint and resume ----------------------------------------------------------
@@ -413,6 +465,7 @@ class TrainingMachine:
     def save_checkpoint(self) -> Path | None:
         if self.checkpoints is None:
             return None
+        self._check_finite()  # never write a checkpoint after a NaN: the last good one must stay
         if self._pending_losses:  # the history travels with the checkpoint
             self.losses.extend(torch.stack(self._pending_losses).tolist())
             self._pending_losses.clear()
@@ -439,21 +492,40 @@ class TrainingMachine:
             "rack": self.model.rack.to_spec().to_dict(),
             "stackwise_version": __version__,
         }
-        path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
+        try:
+            path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
+        except OSError as err:
+            good = self.checkpoints.list()
+            kept = f"the previous checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
+            self.log.record("error", step=self.step, message=f"checkpoint write failed: {err}")
+            raise TrainingError(f"writing the checkpoint of step {self.step} failed ({err}); {kept}. "
+                                "Free disk space (or fix the folder's permissions) and resume.") from None
         self._saved_step = self.step
         self.log.record("checkpoint", step=self.step, t=self.t, path=str(path))
         return path
 
     def _resume(self) -> None:
-        ckpt = self.checkpoints.latest_good(on_bad=lambda p, why: self.log.say(f"skipping damaged checkpoint: {why}"))
-        if ckpt is None:
-            raise TrainingError(f"{self.run_dir}: no usable checkpoint to resume from")
-        self._restore(ckpt)
-        MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"])
+        for note in self.checkpoints.recover():
+            self.log.say(f"checkpoints: {note}")
+        bad: list[str] = []
+
+        def skip(path: Path, why: str) -> None:
+            bad.append(why)
+            self.log.say(f"skipping damaged checkpoint: {why}")
+
+        ckpt = self.checkpoints.latest_good(on_bad=skip)
+        if ckpt is None and bad:
+            raise TrainingError(f"{self.run_dir}: every checkpoint is damaged ({'; '.join(bad)}); nothing to resume")
+        if ckpt is not None:
+            self._restore(ckpt)
+        # Records written after the checkpoint belong to steps that will run again.
+        MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"] if ckpt else 0)
         self.log.close()
         self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
-        self.log.record("resume", step=self.step, t=self.t, checkpoint=str(ckpt.path))
-        self.log.say(f"resumed from {ckpt.path} at step {self.step} (t={self.t:.3f}, phase {self.phase.name})")
+        self.config.to_yaml(self.run_dir / "config.yaml")
+        where = f"from {ckpt.path}" if ckpt else "from step 0: the run stopped before its first checkpoint"
+        self.log.record("resume", step=self.step, t=self.t, checkpoint=str(ckpt.path) if ckpt else None)
+        self.log.say(f"resumed {where} at step {self.step} (t={self.t:.3f}, phase {self.phase.name})")
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.state
@@ -475,6 +547,7 @@ class TrainingMachine:
             if optimizer_param_names(self.optim.optimizer) != state["optimizer_names"]:
                 raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
             self.optim.optimizer.load_state_dict(state["optimizer"])
+            self._size_fault_flags()
         self.phase_index = index
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
@@ -511,6 +584,29 @@ def _load_weights(model: StackWiseModel, ckpt: Checkpoint) -> None:
         load_flat_state(model, ckpt.tensors)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{ckpt.path}: weights do not fit the model: {err}") from None
+
+
+class _StopSignals:
+    """Turn SIGTERM/SIGINT into a request to stop after the current step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def compile_stacks(model: StackWiseModel) -> None:
@@ -557,8 +653,8 @@ def _prepare_run_dir(config: StackWiseConfig, run_dir: Any, resume: Any) -> Path
         return None
     if resume is not None:
         path = Path(resume)
-        if not (path / "checkpoints").is_dir():
-            raise TrainingError(f"{path}: not a run directory with checkpoints; nothing to resume")
+        if not (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
+            raise TrainingError(f"{path}: not a run directory (no config.yaml, no checkpoints); nothing to resume")
         return path
     if run_dir is not None:
         path = Path(run_dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -188,20 +188,25 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         group["lr"] = base_lr * group.get("lr_scale", 1.0)
 
 
-def clip_grad_norm(
-    parameters: torch.optim.Optimizer | Iterable[torch.Tensor], max_norm: float | None
-) -> torch.Tensor:
-    """Global L2 norm of the gradients, clipped to `max_norm` unless it is None.
+def group_grad_norms(optimizer: torch.optim.Optimizer, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global norm, per-group norms) of the gradients, clipping to `max_norm` unless None.
 
-    Returns the norm before clipping as a 0-d tensor (no device sync: call `.item()` when logging).
-    """
-    params = _params(parameters) if isinstance(parameters, torch.optim.Optimizer) else list(parameters)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if max_norm is None:
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
-    return nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    One pass over the gradients serves both clipping and fault detection: a non-finite group norm
+    names the parameter group where a NaN/Inf appeared, with no host sync (0-d / 1-d tensors)."""
+    norms = []
+    for group in optimizer.param_groups:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None)
+    device = next((n.device for n in norms if n is not None), torch.device("cpu"))
+    group_norms = torch.stack([n if n is not None else torch.zeros((), device=device) for n in norms])
+    total = torch.linalg.vector_norm(group_norms)
+    if max_norm is not None:
+        # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef)
+    return total, group_norms
 
 
 def optimizer_spec(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> OptimizerSpec:
