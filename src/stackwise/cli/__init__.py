@@ -70,14 +70,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from stackwise.cli.plan import format_table, plan_rows
+    import torch
+
+    from stackwise.cli.plan import format_table, memory_table, plan_rows
 
     config = _load_config(args.config, args.overrides)
     steps = args.steps or config.training.total_steps
     if steps is None:
         raise UsageError("the run length is unknown: set training.total_steps in the config or pass --steps N")
-    print(format_table(plan_rows(config, steps)))
+    if steps < 1:
+        raise UsageError(f"--steps must be a positive count, got {steps}")
+    device = args.device or config.run.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = plan_rows(config, steps, device=device, windows=None if args.no_data else _windows(config))
+    print(format_table(rows))
+    if args.memory:
+        print()
+        print(memory_table(rows, device))
     return 0
+
+
+def _windows(config: StackWiseConfig):
+    """Training windows per sequence length (the activation cache's size), from the corpus."""
+    from stackwise.training.loader import ProgressiveDataLoader
+
+    tokens = ProgressiveDataLoader(config).n_train_tokens
+    return lambda seq_len: tokens // (seq_len + 1)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -156,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", metavar="CONFIG.yaml")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
     plan.add_argument("--steps", type=int, help="total steps (default: training.total_steps)")
+    plan.add_argument("--device", choices=["cpu", "cuda"], help="estimate memory for this device (default: run.device)")
+    plan.add_argument("--memory", action="store_true", help="also print where each phase's memory goes")
+    plan.add_argument("--no-data", action="store_true", help="do not read the corpus (the cache size is then unknown)")
     plan.set_defaults(func=cmd_plan)
 
     plot = sub.add_parser("plot", help="write a PNG of loss against t with phase bands")

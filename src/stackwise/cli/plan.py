@@ -1,4 +1,5 @@
-"""`stackwise plan`: the timeline of a config, phase by phase, without training."""
+"""`stackwise plan`: the timeline of a config, phase by phase, with a memory estimate, without
+training."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from typing import Any
 
 import torch
 
-from stackwise.config import LrSchedule, StackWiseConfig
+from stackwise.config import LrSchedule, Ramp, StackWiseConfig
 from stackwise.data.tokenizer import SPECIAL_TOKENS
 from stackwise.model import StackWiseModel
-from stackwise.training.progressive import apply_model_phase
-from stackwise.training.schedule import PhaseSchedule, resolve_data, resolve_optimizer
+from stackwise.training.memory import MemoryEstimate, estimate_phase, first_trainable_stack, gib
+from stackwise.training.progressive import apply_model_phase, with_growth_schedule
+from stackwise.training.schedule import Phase, PhaseSchedule, resolve_data, resolve_optimizer
 
 
 def planned_vocab(config: StackWiseConfig) -> int:
@@ -24,8 +26,11 @@ def planned_vocab(config: StackWiseConfig) -> int:
     return 256 + len(SPECIAL_TOKENS)
 
 
-def plan_rows(config: StackWiseConfig, total_steps: int) -> list[dict[str, Any]]:
-    """One row per phase: steps, tokens, objective, shapes, parameters, trainable, lr shape."""
+def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", windows: Any = None) -> list[dict[str, Any]]:
+    """One row per phase: steps, tokens, objective, shapes, parameters, trainable, lr shape, and
+    the estimated peak memory of its steps on `device`. `windows(seq_len)` gives the number of
+    training windows (for the activation cache), when the corpus is known."""
+    config = with_growth_schedule(config)
     schedule = PhaseSchedule.from_config(config, total_steps)
     with torch.device("meta"):  # shapes only: a 70B-shaped plan allocates nothing
         model = StackWiseModel(config.model, vocab_size=planned_vocab(config))
@@ -33,8 +38,9 @@ def plan_rows(config: StackWiseConfig, total_steps: int) -> list[dict[str, Any]]
     for index, (phase, (first, end)) in enumerate(zip(schedule.phases, schedule.step_ranges(total_steps), strict=True)):
         with torch.device("meta"):
             apply_model_phase(model, phase.model, index, config)
-        data = resolve_data(config, phase)
+        data = resolve_data(config, phase, tau=None)
         optimizer = resolve_optimizer(config.training.optimizer, phase)
+        memory = phase_memory(config, model, phase, data, optimizer, device, windows)
         steps = end - first
         rows.append({
             "phase": phase.name,
@@ -48,8 +54,45 @@ def plan_rows(config: StackWiseConfig, total_steps: int) -> list[dict[str, Any]]
             "trainable": model.num_parameters(trainable_only=True),
             "lr": describe_lr(optimizer.lr),
             "optimizer": optimizer.optimizer_type,
+            "mem_GiB": gib(memory.host_total if device == "cpu" else memory.total),
+            "memory": memory,
         })
     return rows
+
+
+def phase_memory(config: StackWiseConfig, model: StackWiseModel, phase: Phase, data: dict[str, Any], optimizer: Any,
+                 device: str, windows: Any) -> MemoryEstimate:
+    autocast = device == "cuda" and config.run.precision in ("auto", "bf16")
+    cache_on = (config.run.activation_cache and first_trainable_stack(model) > 0
+                and not (data["objective"] == "mlm" and isinstance(data["mask_rate"], Ramp)))
+    return estimate_phase(
+        model,
+        batch_size=data["batch_size"], seq_len=data["seq_len"], objective=data["objective"],
+        mask_fraction=_mask_fraction(data), optimizer_type=optimizer.optimizer_type, momentum=optimizer.momentum,
+        grad_accum_steps=config.training.grad_accum_steps, autocast_bf16=autocast,
+        cache_windows=windows(data["seq_len"]) if (cache_on and windows) else 0,
+    )
+
+
+def _mask_fraction(data: dict[str, Any]) -> float:
+    if data["objective"] == "mlm":
+        rate = data["mask_rate"]
+        return max(rate.start, rate.end) if isinstance(rate, Ramp) else rate
+    if data["objective"] == "diffusion":
+        return sum(data["mask_range"]) / 2
+    return 1.0
+
+
+def memory_table(rows: list[dict[str, Any]], device: str) -> str:
+    """Per phase, where the estimated peak goes (GiB)."""
+    parts = ["weights", "gradients", "optimizer", "activations", "transients", "loss", "autocast_copies", "cache"]
+    table = []
+    for row in rows:
+        memory = row["memory"].to_dict()
+        total = row["memory"].host_total if device == "cpu" else row["memory"].total
+        table.append({"phase": row["phase"], **{k: gib(memory[k]) for k in parts}, "peak": gib(total)})
+    note = "cache is host RAM (counted in the CPU peak)" if device == "cpu" else "cache is host RAM (not in the GPU peak)"
+    return format_table(table) + f"\n(estimated peak training memory on {device}, GiB; {note})"
 
 
 def describe_lr(lr: float | LrSchedule) -> str:
@@ -62,6 +105,7 @@ def describe_lr(lr: float | LrSchedule) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
+    rows = [{k: v for k, v in row.items() if k != "memory"} for row in rows]
     cells = [{k: _fmt(v) for k, v in row.items()} for row in rows]
     widths = {k: max(len(k), *(len(c[k]) for c in cells)) for k in rows[0]}
     lines = ["  ".join(k.ljust(widths[k]) for k in widths)]

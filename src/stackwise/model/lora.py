@@ -34,7 +34,9 @@ _DENSE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 def _store(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """The frozen base in its storage precision (a detached tensor, never the caller's Parameter)."""
     if precision == "nf4":
-        return quant.to_nf4(weight)
+        # A shapes-only (meta) model, as `stackwise plan` builds, keeps a dense stand-in: the
+        # memory planner counts it at NF4's size from `base_precision`.
+        return weight.detach() if weight.is_meta else quant.to_nf4(weight)
     return weight.detach().to(_DENSE_DTYPES[precision])
 
 

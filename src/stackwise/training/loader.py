@@ -167,6 +167,10 @@ class ProgressiveDataLoader:
     # ---- batches ----------------------------------------------------------------------------
 
     @property
+    def n_train_tokens(self) -> int:
+        return len(self._tokens.train)
+
+    @property
     def n_train_windows(self) -> int:
         return len(self._tokens.train) // (self._settings.seq_len + 1)
 

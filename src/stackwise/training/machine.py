@@ -38,8 +38,10 @@ from stackwise.specs import validate_training_state
 from stackwise.training.cache import TrunkCache
 from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from stackwise.training.logger import MetricsLogger
+from stackwise.training.memory import first_trainable_stack
 from stackwise.training.metrics import bits_per_byte
 from stackwise.training.optimizer import group_grad_norms, optimizer_param_names
+from stackwise.training.progressive import with_growth_schedule
 from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
 
 
@@ -106,7 +108,7 @@ class TrainingMachine:
         data: Any = None,
         console: bool = True,
     ):
-        self.config = StackWiseConfig.load(config)
+        self.config = with_growth_schedule(StackWiseConfig.load(config))
         if resume is not None:
             self.config = _with_run_tokenizer(self.config, Path(resume))
         self.total_steps = self.config.resolved_total_steps(total_steps)
@@ -338,13 +340,7 @@ class TrainingMachine:
         return ce if weight is None else (ce * weight).sum()
 
     def _first_trainable_stack(self) -> int:
-        """The lowest stack whose input may change this phase (0 when the embedding trains)."""
-        if self.model.embedding.tokens.weight.requires_grad:
-            return 0
-        for position, stack in enumerate(self.model.rack):
-            if any(p.requires_grad for p in stack.parameters()):
-                return position
-        return len(self.model.rack)
+        return first_trainable_stack(self.model)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

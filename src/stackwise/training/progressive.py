@@ -148,6 +148,19 @@ def _cast(stack: Stack, precision: str) -> None:
     stack.precision = precision
 
 
+def with_growth_schedule(config: StackWiseConfig) -> StackWiseConfig:
+    """A config without a schedule but with `training.progressive.target_stacks` above its
+    starting stack count describes a growth run: spell out its curriculum (one phase per stack,
+    as `ProgressiveTrainer` builds it) so that every path runs the same phases."""
+    target = config.training.progressive.target_stacks
+    start = config.model.architecture.n_stacks
+    if config.schedule is not None or target is None or target <= start:
+        return config
+    data = config.to_dict()
+    data["schedule"] = ProgressiveTrainer(config).curriculum(start, target)
+    return StackWiseConfig.from_dict(data)
+
+
 # ---- by hand: the builder ------------------------------------------------------------------------
 
 

@@ -1,0 +1,113 @@
+"""Hot path: what each choice on the step's critical path is worth, measured side by side.
+
+Variants of one TrainingMachine step (reference shape: d_model 256, 4 blocks, seq 256, batch 8,
+BPE-4096), alternating blocks of steps, medians over blocks:
+
+- masked objectives: the head and cross-entropy on the masked positions only (what the machine
+  does) vs on every position (the naive loss: logits for ~85% of positions nobody scores);
+- logging: one host sync per logged window (`log_every: 10`, the default) vs a sync every step;
+- data: the share of a step spent building its batch (`batch_at`), which decides whether a
+  prefetch thread would pay;
+- a torch.profiler table of one step (top ops by CPU time) goes to the JSON for reference.
+
+Run: `.venv/bin/python -m benchmarks.hot_path [--blocks 5 --steps 6]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import median, table, write_results
+from stackwise.training import TrainingMachine
+
+
+def config(objective: str, log_every: int, tmp: str) -> dict:
+    return {
+        "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": {"n_stacks": 2, "blocks_per_stack": 2}},
+        "training": {"batch_size": 8, "seq_len": 256},
+        "data": {"tokenizer": {"kind": "bpe", "vocab_size": 4096}, "objective": objective},
+        "run": {"dir": tmp, "eval_every": 10**9, "log_every": log_every},
+    }
+
+
+def naive_loss_sum(self, batch):
+    """The loss computed the simple way: logits for every position, then masked."""
+    logits = self.model.head(self._hidden(batch))
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), reduction="none")
+    return (ce * batch.loss_weight.flatten()).sum()
+
+
+def block_time(machine: TrainingMachine, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        machine.train_step()
+    return (time.perf_counter() - start) / steps
+
+
+def compare(a: TrainingMachine, b: TrainingMachine, blocks: int, steps: int) -> tuple[float, float]:
+    ta, tb = [], []
+    for i in range(blocks):
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        t1, t2 = block_time(first, steps), block_time(second, steps)
+        (ta, tb)[first is b].append(t1)
+        (ta, tb)[second is b].append(t2)
+    return median(ta), median(tb)
+
+
+def profile_table(machine: TrainingMachine) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        machine.train_step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    rows, extra = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def machine(objective: str, log_every: int = 10) -> TrainingMachine:
+            torch.manual_seed(0)
+            m = TrainingMachine(config(objective, log_every, tmp), total_steps=10**6, run_dir=False, console=False)
+            for _ in range(2):
+                m.train_step()
+            return m
+
+        for objective in ("mlm", "diffusion"):
+            ours, naive = machine(objective), machine(objective)
+            naive._loss_sum = types.MethodType(naive_loss_sum, naive)
+            t_ours, t_naive = compare(ours, naive, args.blocks, args.steps)
+            rows.append({"variant": f"{objective}: loss on masked positions only vs all positions",
+                         "ours_s": t_ours, "baseline_s": t_naive, "speedup": t_naive / t_ours})
+
+        lazy, eager = machine("clm", 10), machine("clm", 1)
+        t_lazy, t_eager = compare(lazy, eager, args.blocks, args.steps)
+        rows.append({"variant": "clm: host sync per logged window vs every step",
+                     "ours_s": t_lazy, "baseline_s": t_eager, "speedup": t_eager / t_lazy})
+
+        for objective in ("clm", "mlm"):
+            m = machine(objective)
+            data = []
+            for step in range(10):
+                start = time.perf_counter()
+                m.data.batch(step, 0.0)
+                data.append(time.perf_counter() - start)
+            step_s = block_time(m, args.steps)
+            extra[f"{objective}_batch_ms"] = 1000 * median(data)
+            rows.append({"variant": f"{objective}: building the batch, share of a step",
+                         "ours_s": median(data), "baseline_s": step_s, "speedup": median(data) / step_s})
+        extra["profile_clm_step"] = profile_table(machine("clm"))
+    path = write_results("hot_path", {"rows": rows, **extra})
+    print(table(rows))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
