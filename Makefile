@@ -25,9 +25,15 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
 
-bench: $(STAMP)
+# Benchmark-only packages (transformers, accelerate, psutil), installed once next to the pinned set.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.lock
+	$(BIN)/pip install -q -r requirements.lock -r requirements-bench.lock
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

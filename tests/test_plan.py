@@ -9,7 +9,12 @@ from stackwise.cli import main
 from stackwise.cli.plan import plan_rows
 from stackwise.config import StackWiseConfig
 from stackwise.model import StackWiseModel
-from stackwise.training.memory import NF4_BYTES_PER_VALUE, block_activation_values, estimate_phase, weight_bytes
+from stackwise.training.memory import (
+    NF4_BYTES_PER_VALUE,
+    block_activation_values,
+    estimate_phase,
+    weight_bytes,
+)
 from stackwise.training.progressive import ProgressiveRackBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
