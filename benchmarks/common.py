@@ -48,9 +48,44 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def peak_rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def current_rss_mb() -> float:
+    return status_mb("VmRSS")
+
+
+def ru_maxrss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def peak_rss_mb() -> float:
+    """The peak RSS of this process (VmHWM; ru_maxrss where /proc is missing).
+
+    On Linux a child's ru_maxrss starts at its parent's peak: Python spawns with vfork + exec, and
+    exec records the peak of the address space it leaves (the parent's). VmHWM is the peak of the
+    process's own address space, so a worker reports its own peak whatever its parent's size."""
+    peak = status_mb("VmHWM")
+    return peak if peak == peak else ru_maxrss_mb()
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: VmHWM back to the current RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

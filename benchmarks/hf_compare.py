@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import median, peak_rss_mb, table, timed, write_results
+from benchmarks.common import current_rss_mb, median, peak_rss_mb, ru_maxrss_mb, table, timed, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are built from configs
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -80,28 +80,6 @@ CONTENDERS = (*IN_PROCESS, "hf-trainer")
 
 
 # ---- building blocks ----------------------------------------------------------------------
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def current_rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
-def process_peak_rss_mb() -> float:
-    """The peak RSS of this process (VmHWM; ru_maxrss where /proc is missing).
-
-    On Linux a child's ru_maxrss starts at its parent's peak: Python spawns with vfork + exec, and
-    exec records the peak of the address space it leaves (the parent's). VmHWM is the peak of the
-    process's own address space, so a worker reports its own peak whatever its parent's size."""
-    peak = _status_mb("VmHWM")
-    return peak if peak == peak else peak_rss_mb()
 
 
 def our_config(cache_dir: str | None):
@@ -306,9 +284,9 @@ def worker(name: str, steps: int, cache_dir: str | None) -> dict:
                 seconds = timed(lambda: run_trainer(model, batches, range(1, steps), 1, out_dir))
             else:
                 raise SystemExit(f"unknown contender {name!r}; expected one of {CONTENDERS}")
-    peak = process_peak_rss_mb()
+    peak = peak_rss_mb()
     return {"contender": name, "rss_before_mb": before, "peak_rss_mb": peak, "train_mem_mb": peak - before,
-            "ru_maxrss_mb": peak_rss_mb(), "steps": steps, "step_s": seconds / steps}
+            "ru_maxrss_mb": ru_maxrss_mb(), "steps": steps, "step_s": seconds / steps}
 
 
 def spawn(name: str, steps: int, cache_dir: str) -> dict:
@@ -397,7 +375,7 @@ def main() -> None:
             return
         started = time.perf_counter()
         build_data_loader(our_config(cache_dir))  # tokenizer and token cache, once, outside the workers
-        # Memory first, while this process is still small (see process_peak_rss_mb).
+        # Memory first, while this process is still small (see benchmarks.common.peak_rss_mb).
         runs = memory(args.mem_repeats, args.mem_steps, cache_dir)
         result = throughput(args.blocks, args.steps, args.warmup, args.trainer_warmup, cache_dir, str(Path(tmp) / "trainer"))
     params = result["params"]

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.common import median, table, write_results
+from benchmarks.common import current_rss_mb, median, peak_rss_mb, reset_peak_rss, table, write_results
 
 BASE = {
     "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": {"n_stacks": 2, "blocks_per_stack": 2}},
@@ -51,14 +51,6 @@ CONFIGS = {
 }
 
 
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(name: str, steps: int) -> dict:
     import gc
 
@@ -73,13 +65,12 @@ def worker(name: str, steps: int) -> dict:
         windows = machine.data.loader.n_train_windows
         estimate = plan_rows(config, 10**6, device="cpu", windows=lambda seq_len: windows)[0]["memory"]
         gc.collect()
-        baseline = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        baseline = current_rss_mb()
+        reset_peak_rss()
         n = steps + (-(-windows // config.training.batch_size) if machine.cache.active else 0)
         for _ in range(n):
             machine.train_step()
-        measured = (_status("VmHWM") - baseline) * 2**20
+        measured = (peak_rss_mb() - baseline) * 2**20
     predicted = estimate.host_total - estimate.weights
     return {"config": name, "measured_mb": measured / 2**20, "estimated_mb": predicted / 2**20,
             "error": predicted / measured - 1, "breakdown_mb": {k: v / 2**20 for k, v in estimate.to_dict().items()}}

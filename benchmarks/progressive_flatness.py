@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.common import median, peak_rss_mb, table, write_results
+from benchmarks.common import current_rss_mb, median, peak_rss_mb, table, write_results
 
 KS = (1, 2, 4, 8)
 
@@ -41,14 +41,6 @@ def worker_config(mode: str, k: int, tmp: str) -> dict:
         "schedule": [{"name": "main", "start_t": 0.0, "end_t": 1.0, "model_config": {"trainable": trainable}}],
         "run": {"dir": tmp, "eval_every": 10**9, "log_every": 10**9, "checkpoint_at_transitions": False},
     }
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(mode: str, k: int, steps: int) -> dict:

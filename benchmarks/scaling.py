@@ -10,7 +10,7 @@ Base: d_model 256 (8 heads, SwiGLU 8/3·d), 4 blocks (2 stacks × 2), seq 256, b
 Each point runs in its own fresh worker process, so its memory is its own: the worker builds the
 machine (data and model in place), notes its RSS, trains `--warmup` untimed steps and then
 `--steps` timed ones, and reports the median step time and its peak RSS (VmHWM; see
-hf_compare.process_peak_rss_mb) minus the RSS before training: what training adds (activations,
+benchmarks.common.peak_rss_mb) minus the RSS before training: what training adds (activations,
 gradients, optimizer state). Workers run `--repeats` rounds, the order of points reversed every
 other round; the table gives the median over rounds and each point's cost relative to the base
 (×base: step time, tokens/s, training memory, parameters), so a reader sees how cost grows.
@@ -27,8 +27,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import median, table, write_results
-from benchmarks.hf_compare import current_rss_mb, process_peak_rss_mb
+from benchmarks.common import current_rss_mb, median, peak_rss_mb, table, write_results
 
 BASE = {"d_model": 256, "blocks": 4, "seq_len": 256}
 BATCH, VOCAB = 8, 4096
@@ -72,7 +71,7 @@ def worker(name: str, steps: int, warmup: int, cache_dir: str) -> dict:
         start = time.perf_counter()
         machine.train_step()
         times.append(time.perf_counter() - start)
-    peak = process_peak_rss_mb()
+    peak = peak_rss_mb()
     seq = config["training"]["seq_len"]
     return {"point": name, "step_s": median(times), "tokens_per_s": BATCH * seq / median(times),
             "rss_before_mb": before, "peak_rss_mb": peak, "train_mem_mb": peak - before,
