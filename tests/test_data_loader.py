@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stackwise.config import Ramp, StackWiseConfig
+from stackwise.config import Ramp
 from stackwise.data import Batch
 from stackwise.training import ProgressiveDataLoader
 from stackwise.training.metrics import bits_per_byte, token_loss
@@ -135,25 +135,6 @@ def test_defaults_come_from_the_config(tmp_path):
     assert ((rates >= 0.3) & (rates <= 0.4)).all()
     loader.configure(objective="clm")
     assert loader.configure().objective == "diffusion"  # each configure starts from the base config
-
-
-def test_configure_phase_uses_phase_overrides(tmp_path):
-    config = _config(tmp_path)
-    config["schedule"] = [
-        {"name": "a", "start_t": 0.0, "end_t": 0.5, "task": "mlm"},
-        {
-            "name": "b",
-            "start_t": 0.5,
-            "end_t": 1.0,
-            "task": "mlm",
-            "data_config": {"objective": "diffusion", "seq_len": 32},
-        },
-    ]
-    loader = ProgressiveDataLoader(config)
-    cfg = StackWiseConfig.load(config)
-    assert loader.configure_phase(cfg.schedule[0], 0).objective == "mlm"
-    s = loader.configure_phase(cfg.schedule[1], 1)
-    assert (s.objective, s.seq_len, s.phase_index) == ("diffusion", 32, 1)
 
 
 def test_phase_can_switch_corpus(tmp_path):

@@ -13,13 +13,12 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from stackwise.config import PhaseConfig, Ramp, StackWiseConfig, value_at
+from stackwise.config import Ramp, StackWiseConfig, value_at
 from stackwise.data.batch import Batch
 from stackwise.data.cache import resolve_cache_dir
 from stackwise.data.corpus import describe, load_corpus, split_corpus
@@ -135,20 +134,6 @@ class ProgressiveDataLoader:
         _check_size(stream, settings.seq_len)
         self._settings, self._tokens = settings, stream
         return settings
-
-    def configure_phase(self, phase: PhaseConfig, phase_index: int) -> DataSettings:
-        """`configure` from a schedule entry: its data_config, then its `task`, then the base config."""
-        d = phase.data_config
-        return self.configure(
-            phase_index=phase_index,
-            seq_len=d.seq_len,
-            batch_size=d.batch_size,
-            objective=d.objective or phase.task,
-            mask_rate=d.mask_rate,
-            mask_range=d.mask_range,
-            paths=d.paths,
-            text_field=d.text_field,
-        )
 
     def get_batch_spec(self, tau: float = 0.0) -> BatchSpec:
         from stackwise.framework import BatchSpec
@@ -284,9 +269,6 @@ class ProgressiveDataLoader:
             paths = tuple(d.paths) if d.paths is not None else tuple(data.paths)
             stream = self._stream(paths, d.text_field or data.text_field)
             _check_size(stream, d.seq_len or training.seq_len)
-
-    def save_tokenizer(self, run_dir: str | os.PathLike[str]) -> Path:
-        return self.tokenizer.save(run_dir)
 
 
 def _check_size(stream: TokenSplits, seq_len: int) -> None:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from stackwise import __version__
 from stackwise.config import Ramp, StackWiseConfig
@@ -39,7 +38,7 @@ from stackwise.training.cache import TrunkCache
 from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
-from stackwise.training.metrics import bits_per_byte
+from stackwise.training.metrics import bits_per_byte, loss_sum
 from stackwise.training.optimizer import group_grad_norms, optimizer_param_names
 from stackwise.training.progressive import with_growth_schedule
 from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
@@ -328,16 +327,8 @@ class TrainingMachine:
         return model.forward_from(trunk, first, None, mode)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Σ cross-entropy · weight over the loss positions (nats). The head only sees the
-        positions in the loss: masked objectives skip the ~85% of logits nobody scores."""
-        hidden = self._hidden(batch)
-        if batch.objective == "clm":
-            logits, labels, weight = self.model.head(hidden).flatten(0, 1), batch.labels.flatten(), None
-        else:
-            where = batch.loss_mask
-            logits, labels, weight = self.model.head(hidden[where]), batch.labels[where], batch.loss_weight[where]
-        ce = F.cross_entropy(logits.float(), labels, reduction="none" if weight is not None else "sum")
-        return ce if weight is None else (ce * weight).sum()
+        """Σ cross-entropy · weight over the loss positions (nats)."""
+        return loss_sum(self.model.head, self._hidden(batch), batch)
 
     def _first_trainable_stack(self) -> int:
         return first_trainable_stack(self.model)

@@ -11,6 +11,24 @@ import torch.nn.functional as F
 from stackwise.data.batch import Batch
 
 
+def loss_sum(head: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Σ cross-entropy · weight over the batch's loss positions (nats), from the rack's output.
+
+    The head projects only the positions in the loss: masked objectives skip the logits of the
+    ~85% of positions nobody scores (clm scores every position with weight 1)."""
+    if batch.objective == "clm":
+        return weighted_ce_sum(head(hidden).flatten(0, 1), batch.labels.flatten(), None)
+    where = batch.loss_mask
+    return weighted_ce_sum(head(hidden[where]), batch.labels[where], batch.loss_weight[where])
+
+
+def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Σ ce·w over rows of logits (N, V); cross-entropy in fp32 whatever the logits' dtype."""
+    if weights is None:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum()
+
+
 def token_loss(
     logits: torch.Tensor, batch: Batch, reduction: Literal["mean", "sum"] = "mean"
 ) -> torch.Tensor:
@@ -22,8 +40,7 @@ def token_loss(
     Cross-entropy is computed in fp32 whatever the logits' dtype.
     """
     where = batch.loss_mask
-    ce = F.cross_entropy(logits[where].float(), batch.labels[where], reduction="none")
-    total = (ce * batch.loss_weight[where]).sum()
+    total = weighted_ce_sum(logits[where], batch.labels[where], batch.loss_weight[where])
     return total if reduction == "sum" else total / batch.n_target_tokens
 
 
