@@ -159,3 +159,15 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)
     for (n, p), q in zip(one.model.named_parameters(), two.model.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_compiled_stacks_train_like_eager_ones(tmp_path):
+    # run.compile compiles each stack, including stacks grown (here: copied) at a phase boundary.
+    cfg = tiny_config(tmp_path)
+    cfg["schedule"][1]["model_config"] = {"grow": {"n": 1, "init": "copy"}, "trainable": "new"}
+    eager = TrainingMachine(cfg, total_steps=6, run_dir=False, console=False).train()
+    cfg["run"]["compile"] = True
+    machine = TrainingMachine(cfg, total_steps=6, run_dir=False, console=False)
+    compiled = machine.train()
+    assert all(getattr(stack, "_compiled_call_impl", None) is not None for stack in machine.model.rack)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
