@@ -281,3 +281,15 @@ def test_stack_and_trunk_precision(tmp_path, corpus):
     assert storage_bytes(machine.model.rack[0]) == fp32_bytes // 2
     assert all(p.dtype == torch.bfloat16 for p in machine.model.rack[1].parameters())
     assert machine.model.rack[1].blocks[0].mlp.up.weight.grad is None  # zeroed after the step
+
+
+def test_a_resumed_run_keeps_its_activation_cache(tmp_path, corpus):
+    first = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=20, console=False)
+    for _ in range(10):  # inside phase "two", cache on
+        first.train_step()
+    assert first.cache.active
+    first.save_checkpoint()
+    first.log.close()
+    resumed = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=20, resume=first.run_dir, console=False)
+    assert resumed.phase.name == "two" and resumed.cache.active
+    resumed.train()

@@ -145,6 +145,7 @@ class TrainingMachine:
         self._saved_step = -1  # the step of the newest checkpoint on disk (saved or resumed from)
         self._first_bad_step = torch.tensor(-1, device=self.device)
         self._bad_group_norms = torch.zeros(0, device=self.device)  # sized per phase
+        self._first_trainable = 0  # the lowest stack that trains (set per phase)
         self._grad_norm = torch.zeros(())
         self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
         self.log = MetricsLogger(self.run_dir, self.total_steps, console=console)
@@ -202,18 +203,28 @@ class TrainingMachine:
         self.model.to(self.device)
         self.data.enter_phase(phase, index, start_step)
         self.optim.enter_phase(self.model, phase)
-        self._size_fault_flags()
+        self._structure_settled()
         self.phase_index = index
         try:
             validate_training_state(self.data.spec(), self.model_plane.spec(), self.optim.spec())
         except ValueError as err:
             raise TrainingError(f"phase {phase.name!r} (step {self.step}) does not fit together:\n{err}") from None
+        self._start_phase_services(phase, index)
+
+    def _structure_settled(self) -> None:
+        """After the model plane and optimizer of a phase are in place (entered or restored):
+        what the step derives from them is computed once here, not on every step."""
+        self._first_trainable = first_trainable_stack(self.model)
+        self._bad_group_norms = torch.zeros(len(self.optim.optimizer.param_groups), device=self.device)
+
+    def _start_phase_services(self, phase: Phase, index: int) -> None:
+        """Compile new stacks (run.compile) and open the phase's activation cache."""
         if self.config.run.compile:
             compile_stacks(self.model)
         self._open_cache(phase, index)
 
     def _open_cache(self, phase: Phase, index: int) -> None:
-        first = self._first_trainable_stack()
+        first = self._first_trainable
         settings = self.data.settings
         reason = None
         if first == 0:
@@ -279,9 +290,6 @@ class TrainingMachine:
         optimizer.zero_grad(set_to_none=True)
         return total
 
-    def _size_fault_flags(self) -> None:
-        self._bad_group_norms = torch.zeros(len(self.optim.optimizer.param_groups), device=self.device)
-
     def _group_labels(self, finite: torch.Tensor) -> list[str]:
         groups = self.optim.optimizer.param_groups
         return [g.get("label", str(i)) for i, (g, ok) in enumerate(zip(groups, finite.tolist(), strict=True)) if not ok]
@@ -302,7 +310,7 @@ class TrainingMachine:
         """Training mode for what trains; the frozen trunk below it runs as in evaluation (no
         dropout), which keeps its output a pure function of the sample, hence cacheable."""
         self.model.train()
-        first = self._first_trainable_stack()
+        first = self._first_trainable
         if first > 0:
             self.model.embedding.eval()
             for stack in list(self.model.rack)[:first]:
@@ -312,7 +320,7 @@ class TrainingMachine:
         """The rack's output. Stacks below the first trainable one are frozen: they run without
         autograd, and in training their output comes from the activation cache when it is on."""
         model, mode = self.model, batch.attention_mode
-        first = self._first_trainable_stack()
+        first = self._first_trainable
         if first == 0:
             return model.rack(model.embedding(batch.input_ids), mode)
         use_cache = self.cache.active and model.training
@@ -329,9 +337,6 @@ class TrainingMachine:
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """Σ cross-entropy · weight over the loss positions (nats)."""
         return loss_sum(self.model.head, self._hidden(batch), batch)
-
-    def _first_trainable_stack(self) -> int:
-        return first_trainable_stack(self.model)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -510,6 +515,8 @@ class TrainingMachine:
         self.log.close()
         self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
         self.config.to_yaml(self.run_dir / "config.yaml")
+        if self.phase_index >= 0:  # the restored phase goes on with its cache (and compiled stacks)
+            self._start_phase_services(self.phase, self.phase_index)
         where = f"from {ckpt.path}" if ckpt else "from step 0: the run stopped before its first checkpoint"
         self.log.record("resume", step=self.step, t=self.t, checkpoint=str(ckpt.path) if ckpt else None)
         self.log.say(f"resumed {where} at step {self.step} (t={self.t:.3f}, phase {self.phase.name})")
@@ -534,7 +541,7 @@ class TrainingMachine:
             if optimizer_param_names(self.optim.optimizer) != state["optimizer_names"]:
                 raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
             self.optim.optimizer.load_state_dict(state["optimizer"])
-            self._size_fault_flags()
+            self._structure_settled()
         self.phase_index = index
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
