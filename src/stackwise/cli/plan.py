@@ -10,6 +10,7 @@ import torch
 from stackwise.config import LrSchedule, Ramp, StackWiseConfig
 from stackwise.data.tokenizer import SPECIAL_TOKENS
 from stackwise.model import StackWiseModel
+from stackwise.training.cache import cache_off_reason
 from stackwise.training.memory import MemoryEstimate, estimate_phase, first_trainable_stack, gib
 from stackwise.training.progressive import apply_model_phase, with_growth_schedule
 from stackwise.training.schedule import Phase, PhaseSchedule, resolve_data, resolve_optimizer
@@ -63,8 +64,8 @@ def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", wi
 def phase_memory(config: StackWiseConfig, model: StackWiseModel, phase: Phase, data: dict[str, Any], optimizer: Any,
                  device: str, windows: Any) -> MemoryEstimate:
     autocast = device == "cuda" and config.run.precision in ("auto", "bf16")
-    cache_on = (config.run.activation_cache and first_trainable_stack(model) > 0
-                and not (data["objective"] == "mlm" and isinstance(data["mask_rate"], Ramp)))
+    cache_on = cache_off_reason(config.run.activation_cache, first_trainable_stack(model),
+                                data["objective"], data["mask_rate"]) is None
     return estimate_phase(
         model,
         batch_size=data["batch_size"], seq_len=data["seq_len"], objective=data["objective"],

@@ -39,15 +39,12 @@ class DataAdapter:
     def tokenizer(self) -> Any:
         return self.loader.tokenizer
 
-    def enter_phase(self, phase: Phase, phase_index: int, start_step: int) -> bool:
-        """Configure the stream for a phase (a new corpus keeps the run's tokenizer). Returns True
-        when its settings changed. Ramps stay ramps: the loader evaluates them at each step's τ."""
-        settings = {**resolve_data(self.config, phase, tau=None), "phase_index": phase_index}
-        changed = settings != self.settings
-        self.loader.configure(**settings)
-        self.settings = settings
+    def enter_phase(self, phase: Phase, phase_index: int, start_step: int) -> None:
+        """Configure the stream for a phase (a new corpus keeps the run's tokenizer). Ramps stay
+        ramps: the loader evaluates them at each step's τ."""
+        self.settings = {**resolve_data(self.config, phase, tau=None), "phase_index": phase_index}
+        self.loader.configure(**self.settings)
         self.phase_start_step = start_step
-        return changed
 
     def batch(self, step: int, tau: float) -> Batch:
         return self.loader.batch_at(step, tau=tau, phase_start_step=self.phase_start_step)

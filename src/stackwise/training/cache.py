@@ -93,11 +93,22 @@ class ActivationCache:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
+def cache_off_reason(enabled: bool, first_trainable: int, objective: str, mask_rate: Any) -> str | None:
+    """Why a phase cannot cache its trunk's output, or None when it can. The machine and the
+    memory planner (`stackwise plan`) both ask this, so they agree on when the cache exists."""
+    if not enabled:
+        return "run.activation_cache is false"
+    if first_trainable == 0:
+        return "the embedding or the bottom stack trains, so no frozen trunk lies below the trainable stacks"
+    if objective == "mlm" and not isinstance(mask_rate, (int, float)):
+        return "the mask rate ramps within the phase, so the trunk's input changes from step to step"
+    return None
+
+
 class TrunkCache:
     """Decides when caching is valid, and holds the ActivationCache of the current context."""
 
-    def __init__(self, enabled: bool, ram_budget_mb: int, spill_dir: Path | None):
-        self.enabled = enabled
+    def __init__(self, ram_budget_mb: int, spill_dir: Path | None):
         self.ram_budget_bytes = ram_budget_mb * 2**20
         self.spill_dir = spill_dir
         self.cache: ActivationCache | None = None
@@ -110,11 +121,9 @@ class TrunkCache:
 
     def enter(self, context: Any, reason_off: str | None, n_samples: int, seq_len: int, d_model: int) -> str:
         """Open a new context (dropping the old rows). Returns a line saying whether the cache is
-        on, and if not, why."""
+        on, and if not, why (`reason_off`, from `cache_off_reason`)."""
         self.close()
         self.context = context
-        if not self.enabled:
-            reason_off = "run.activation_cache is false"
         if reason_off:
             self.reason = reason_off
             return f"activation cache off: {reason_off}"

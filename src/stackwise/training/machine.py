@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from stackwise import __version__
-from stackwise.config import Ramp, StackWiseConfig
+from stackwise.config import StackWiseConfig
 from stackwise.data.batch import Batch
 from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
 from stackwise.framework.factories import build_data_loader, build_model
 from stackwise.model import StackWiseModel
 from stackwise.model.lora import flat_state, load_flat_state
 from stackwise.specs import validate_training_state
-from stackwise.training.cache import TrunkCache
+from stackwise.training.cache import TrunkCache, cache_off_reason
 from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
@@ -131,7 +131,7 @@ class TrainingMachine:
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
         spill = self.run_dir / "cache" if self.run_dir else None
-        self.cache = TrunkCache(self.config.run.activation_cache, self.config.run.cache_ram_mb, spill)
+        self.cache = TrunkCache(self.config.run.cache_ram_mb, spill)
 
         self.phase_index = -1
         self.transitions: list[Transition] = []
@@ -226,11 +226,7 @@ class TrainingMachine:
     def _open_cache(self, phase: Phase, index: int) -> None:
         first = self._first_trainable
         settings = self.data.settings
-        reason = None
-        if first == 0:
-            reason = "the embedding or the bottom stack trains, so no frozen trunk lies below the trainable stacks"
-        elif settings["objective"] == "mlm" and isinstance(settings["mask_rate"], Ramp):
-            reason = "the mask rate ramps within the phase, so the trunk's input changes from step to step"
+        reason = cache_off_reason(self.config.run.activation_cache, first, settings["objective"], settings["mask_rate"])
         context = (self.model_plane.trunk_version, index)
         message = self.cache.enter(context, reason, self.data.loader.n_train_windows, settings["seq_len"], self.model.cfg.d_model)
         self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, message=message)
