@@ -414,6 +414,9 @@ class RunConfig(_Section):
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update (one host sync per step)"
     )
     threads: int | None = Field(default=None, ge=1, description="CPU threads; default: torch's choice")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="data parallelism when torchrun starts several ranks: ddp replicates, fsdp shards"
+    )
 
     @field_validator("name")
     @classmethod

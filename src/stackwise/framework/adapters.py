@@ -25,9 +25,10 @@ from stackwise.training.schedule import Phase, resolve_data, resolve_optimizer
 class DataAdapter:
     """The data plane: a loader whose settings follow the active phase."""
 
-    def __init__(self, loader: ProgressiveDataLoader, config: StackWiseConfig):
+    def __init__(self, loader: ProgressiveDataLoader, config: StackWiseConfig, rank: int = 0, world_size: int = 1):
         self.loader = loader
         self.config = config
+        self.rank, self.world_size = rank, world_size  # a distributed run: this rank's slice of each batch
         self.phase_start_step = 0
         self.settings: dict[str, Any] = {}
 
@@ -47,7 +48,8 @@ class DataAdapter:
         self.phase_start_step = start_step
 
     def batch(self, step: int, tau: float) -> Batch:
-        return self.loader.batch_at(step, tau=tau, phase_start_step=self.phase_start_step)
+        return self.loader.batch_at(step, tau=tau, phase_start_step=self.phase_start_step,
+                                    rank=self.rank, world_size=self.world_size)
 
     def validation(self, max_batches: int) -> Any:
         return self.loader.validation_batches(max_batches)

@@ -279,9 +279,14 @@ def storage_bytes(module: nn.Module) -> int:
 def flat_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module.state_dict()` as plain contiguous CPU tensors: NF4 bases spelled out with
     `quant.nf4_to_tensors`, tensors sharing storage cloned (safetensors refuses shared ones)."""
+    return flatten_state(module.state_dict())
+
+
+def flatten_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in `flat_state`'s form (what `load_flat_state` takes)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, t in module.state_dict().items():
+    for name, t in state.items():
         if quant.is_nf4(t):
             out.update(quant.nf4_to_tensors(name, t))
             continue

@@ -105,6 +105,13 @@ def nf4_supported(shape: torch.Size | tuple[int, ...]) -> bool:
     return 1 <= len(shape) <= 2 and numel > 0 and numel % NF4_BLOCK_SIZE == 0
 
 
+def nf4_shardable(t: torch.Tensor, n_shards: int) -> bool:
+    """Whether FSDP2 can split an NF4 weight into `n_shards` row shards: torchao splits its rows,
+    4-bit codes, block scales and scale factors alike, so each must divide evenly."""
+    names = ("quantized_data", "quantized_scalers", "quantization_factor")
+    return t.size(0) % n_shards == 0 and all(getattr(t, n).numel() % n_shards == 0 for n in names)
+
+
 def to_nf4(weight: torch.Tensor) -> torch.Tensor:
     """Quantize a dense 1-D/2-D floating weight to an NF4Tensor (blocks of 64, scales
     double-quantized in the largest group ≤ 256 that divides the block count)."""

@@ -4,7 +4,12 @@ Layout (DESIGN.md section 8)::
 
     checkpoints/step_000123/model.safetensors   weights (tied tensors stored once)
                            /state.pt            optimizer, RNG, time and phase cursor
-                           /meta.json           rack structure, step, t, phase, sha256 of both files
+                           /meta.json           rack structure, step, t, phase, sha256 of every file
+
+A distributed run (torchrun) writes `dcp/` instead of `model.safetensors`: a
+`torch.distributed.checkpoint` folder holding the model weights and the optimizer's per-parameter
+state, each rank writing its own shards; `state.pt` then holds the rest of the training state.
+Either kind resumes with any number of ranks; `stackwise consolidate` turns the second into the first.
 
 A checkpoint is written into a hidden temporary folder, every file is fsynced, and the folder is
 renamed into place, so a crash leaves either the old set or the new one, never half of one.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +34,8 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
+DCP_DIR = "dcp"
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 
 
 class CheckpointError(RuntimeError):
@@ -38,9 +46,13 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     path: Path
     step: int
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None  # None for a sharded (DCP) checkpoint: see `load_dcp`
     state: dict[str, Any]
     meta: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.tensors is None
 
 
 def step_dir_name(step: int) -> str:
@@ -91,25 +103,38 @@ class CheckpointManager:
     def save(
         self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]
     ) -> Path:
+        """One process's checkpoint: weights in model.safetensors."""
+        tmp = self.begin(step)
+        try:
+            self._save_tensors(tensors, str(tmp / MODEL_FILE))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.finish(tmp, step, state, meta)
+
+    def begin(self, step: int) -> Path:
+        """A fresh hidden folder to write the checkpoint of `step` into."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        return tmp
+
+    def finish(self, tmp: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Add state.pt and meta.json (checksums of every file written) to `tmp`, make it durable,
+        and rename it into place."""
+        final = self.root / step_dir_name(step)
         try:
-            self._save_tensors(tensors, str(tmp / MODEL_FILE))
             torch.save(state, tmp / STATE_FILE)
-            meta = {
-                **meta,
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "sha256": {MODEL_FILE: _sha256(tmp / MODEL_FILE), STATE_FILE: _sha256(tmp / STATE_FILE)},
-            }
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            meta = {**meta, "format_version": FORMAT_VERSION, "step": step,
+                    "sha256": {name: _sha256(tmp / name) for name in files}}
             meta["meta_sha256"] = _meta_digest(meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            for name in [*files, META_FILE]:
                 _fsync_file(tmp / name)
-            _fsync_dir(tmp)
+            for folder in {(tmp / name).parent for name in files} | {tmp}:
+                _fsync_dir(folder)
             self._replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -196,16 +221,23 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load and verify one checkpoint folder. Never unpickles arbitrary objects."""
     path = Path(path)
     meta = read_meta(path)
-    for name in (MODEL_FILE, STATE_FILE):
+    listed = meta["sha256"]
+    if MODEL_FILE not in listed and DCP_METADATA not in listed:
+        raise CheckpointError(f"{path}: holds no weights (neither {MODEL_FILE} nor {DCP_DIR}/)")
+    for name in sorted({STATE_FILE, *listed}):
         file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path / META_FILE}: lists a file outside the checkpoint ({name})")
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        if _sha256(file) != meta["sha256"].get(name):
+        if _sha256(file) != listed.get(name):
             raise CheckpointError(f"{file}: checksum mismatch (truncated or modified)")
-    try:
-        tensors = load_file(str(path / MODEL_FILE))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path / MODEL_FILE}: unreadable ({err})") from None
+    tensors = None
+    if MODEL_FILE in listed:
+        try:
+            tensors = load_file(str(path / MODEL_FILE))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path / MODEL_FILE}: unreadable ({err})") from None
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refusals and damaged zips both land here
@@ -215,3 +247,69 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / STATE_FILE}: expected a dict of training state")
     return Checkpoint(path=path, step=int(meta["step"]), tensors=tensors, state=state, meta=meta)
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) -----------------------------------
+
+
+def save_dcp(folder: Path, tensors: dict[str, Any]) -> None:
+    """Every rank writes its shards of `tensors` (nested dicts of tensors) into `folder`; a
+    collective when distributed, a plain write in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)))
+
+
+def load_dcp(folder: Path, into: dict[str, Any]) -> None:
+    """Fill `into` (tensors laid out as this run wants them: whole, or this rank's shards) from a
+    DCP folder written with any number of ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(into, storage_reader=_safe_reader(str(folder)))
+    except CheckpointError:
+        raise
+    except Exception as err:  # DCP wraps each rank's failure in its own exception type
+        raise CheckpointError(f"{folder}: unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+
+
+# DCP describes its shards in a pickle (.metadata). It is read with an unpickler that builds only
+# DCP's own description classes and a few torch values, never an arbitrary callable.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module.startswith("torch.distributed.checkpoint.") or is_dtype or (module, name) in _METADATA_GLOBALS:
+            found = super().find_class(module, name)
+            if module.startswith("torch.distributed.checkpoint.") and not isinstance(found, type):
+                raise CheckpointError(f"sharded checkpoint metadata refers to {module}.{name}, which is not a class")
+            return found
+        raise CheckpointError(f"sharded checkpoint metadata refers to {module}.{name}: refused")
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(str(self.path)) / ".metadata", "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except CheckpointError as err:
+                    raise CheckpointError(f"{Path(str(self.path)) / '.metadata'}: {err}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _safe_reader(folder: str) -> Any:
+    return _reader_class()(folder)

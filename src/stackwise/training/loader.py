@@ -163,14 +163,21 @@ class ProgressiveDataLoader:
     def n_val_windows(self) -> int:
         return len(self._tokens.val) // (self._settings.seq_len + 1)
 
-    def batch_at(self, step: int, tau: float = 0.0, phase_start_step: int = 0) -> Batch:
-        """The batch of global step `step` in the current phase (τ = the phase's local time)."""
+    def batch_at(self, step: int, tau: float = 0.0, phase_start_step: int = 0, *, rank: int = 0, world_size: int = 1) -> Batch:
+        """The batch of global step `step` in the current phase (τ = the phase's local time).
+
+        With `world_size` > 1, only rank `rank`'s rows of it: the global batch is cut into
+        `world_size` equal consecutive slices, and every row is the same sample, corrupted the
+        same way, as in the whole batch."""
         s = self._settings
         if step < phase_start_step:
             raise ValueError(f"step {step} is before the phase start {phase_start_step}")
+        if s.batch_size % world_size:
+            raise ValueError(f"a batch of {s.batch_size} rows cannot be split evenly over {world_size} ranks")
+        rows = s.batch_size // world_size
         n = self.n_train_windows
-        g = (step - phase_start_step) * s.batch_size + np.arange(s.batch_size)
-        window_ids = np.empty(s.batch_size, dtype=np.int64)
+        g = (step - phase_start_step) * s.batch_size + rank * rows + np.arange(rows)
+        window_ids = np.empty(rows, dtype=np.int64)
         for epoch in np.unique(g // n):
             here = g // n == epoch
             window_ids[here] = _permutation(self.seed, s.phase_index, int(epoch), n)[g[here] % n]

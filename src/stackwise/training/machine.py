@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -32,16 +33,32 @@ from stackwise.data.batch import Batch
 from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
 from stackwise.framework.factories import build_data_loader, build_model
 from stackwise.model import StackWiseModel
-from stackwise.model.lora import flat_state, load_flat_state
+from stackwise.model.lora import flat_state, flatten_state, load_flat_state
 from stackwise.specs import validate_training_state
+from stackwise.training import distributed
 from stackwise.training.cache import TrunkCache, cache_off_reason
-from stackwise.training.checkpoint import Checkpoint, CheckpointError, CheckpointManager
+from stackwise.training.checkpoint import (
+    DCP_DIR,
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    load_dcp,
+    save_dcp,
+)
+from stackwise.training.forward import LossForward
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
-from stackwise.training.metrics import bits_per_byte, loss_sum
-from stackwise.training.optimizer import group_grad_norms, optimizer_param_names
-from stackwise.training.progressive import with_growth_schedule
-from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
+from stackwise.training.metrics import bits_per_byte
+from stackwise.training.optimizer import (
+    group_grad_norms,
+    load_state_by_name,
+    optimizer_param_names,
+    saved_state_by_name,
+    state_by_name,
+)
+from stackwise.training.progressive import apply_model_phase, with_growth_schedule
+from stackwise.training.schedule import Phase, PhaseSchedule, TimeController, resolve_data
 
 
 class TrainingError(RuntimeError):
@@ -116,22 +133,29 @@ class TrainingMachine:
             self.config = self.config.with_overrides([f"training.total_steps={self.total_steps}"])
         self.schedule = PhaseSchedule.from_config(self.config, self.total_steps)
         self.time = TimeController(self.total_steps)
-        self.device = _pick_device(self.config.run.device)
+        self.dist = distributed.setup(self.config.run.distributed, self.config.run.device)
+        self._check_distributed(model)
+        self.device = _pick_device(self.config.run.device, self.dist)
         self.autocast_dtype = _autocast_dtype(self.config.run.precision, self.device)
         if self.config.run.threads:
             torch.set_num_threads(self.config.run.threads)
-        self.run_dir = _prepare_run_dir(self.config, run_dir, resume)
-        if self.run_dir is not None and resume is None:  # a resumed run rewrites it once restored
+        self.run_dir = _on_main(self.dist, lambda: _prepare_run_dir(self.config, run_dir, resume))
+        if self.run_dir is not None and resume is None and self.dist.is_main:  # a resumed run rewrites it once restored
             self.config.to_yaml(self.run_dir / "config.yaml")
         torch.manual_seed(self.config.training.seed)
 
-        loader = build_data_loader(data if data is not None else self.config, run_dir=self.run_dir)
-        self.data = DataAdapter(loader, self.config)
+        loader = build_data_loader(data if data is not None else self.config,
+                                   run_dir=self.run_dir if self.dist.is_main else None)
+        self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size)
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
         spill = self.run_dir / "cache" if self.run_dir else None
+        if spill is not None and self.dist.active:
+            spill = spill / f"rank{self.dist.rank}"  # each rank caches its own samples
         self.cache = TrunkCache(self.config.run.cache_ram_mb, spill)
+        self._loss_unit: LossForward | None = None  # the step's loss as one module call
+        self._forward: torch.nn.Module | None = None  # the same, wrapped for DDP / FSDP2
 
         self.phase_index = -1
         self.transitions: list[Transition] = []
@@ -148,9 +172,32 @@ class TrainingMachine:
         self._first_trainable = 0  # the lowest stack that trains (set per phase)
         self._grad_norm = torch.zeros(())
         self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
-        self.log = MetricsLogger(self.run_dir, self.total_steps, console=console)
+        self.log = self._logger(console)
         if resume is not None:
             self._resume()
+
+    def _logger(self, console: bool) -> MetricsLogger:
+        """Metrics and console lines come from rank 0 alone."""
+        if self.dist.is_main:
+            return MetricsLogger(self.run_dir, self.total_steps, console=console)
+        return MetricsLogger(None, self.total_steps, console=False)
+
+    def _check_distributed(self, model: StackWiseModel | None) -> None:
+        if not self.dist.active:
+            return
+        if self.config.run.compile:
+            raise TrainingError("run.compile is not supported in a distributed run yet; set run.compile=false")
+        if self.dist.sharded and model is not None:
+            raise TrainingError("run.distributed=fsdp rebuilds the model from the config at each phase; "
+                                "pass the model through the config, not as an object")
+        parts = self.config.training.grad_accum_steps * self.dist.world_size
+        for phase in self.schedule.phases:
+            size = resolve_data(self.config, phase, tau=None)["batch_size"]
+            if size % parts:
+                raise TrainingError(
+                    f"phase {phase.name!r}: batch size {size} does not split into {self.dist.world_size} ranks × "
+                    f"{self.config.training.grad_accum_steps} micro-batches; make training.batch_size (and any "
+                    f"phase data_config.batch_size) a multiple of {parts}")
 
     # ---- what the machine knows at every step -------------------------------------------
 
@@ -199,9 +246,12 @@ class TrainingMachine:
         self._check_finite()  # a fault of the old phase is reported before its structure changes
         phase = self.schedule.phases[index]
         start_step = self.schedule.step_ranges(self.total_steps)[index][0]
+        if self.dist.sharded and self._forward is not None:
+            self._gather_plain_model()
         self.model_plane.enter_phase(phase, index)
         self.model.to(self.device)
         self.data.enter_phase(phase, index, start_step)
+        self._wrap()
         self.optim.enter_phase(self.model, phase)
         self._structure_settled()
         self.phase_index = index
@@ -215,7 +265,31 @@ class TrainingMachine:
         """After the model plane and optimizer of a phase are in place (entered or restored):
         what the step derives from them is computed once here, not on every step."""
         self._first_trainable = first_trainable_stack(self.model)
+        self._loss_unit.first_trainable = self._first_trainable
         self._bad_group_norms = torch.zeros(len(self.optim.optimizer.param_groups), device=self.device)
+
+    def _wrap(self) -> None:
+        """This phase's model as the unit that computes a micro-batch's loss: called as is in one
+        process, wrapped by DDP, or sharded by FSDP2 (blocks, then the rest as the root unit).
+        DDP is rebuilt at every phase because it fixes its set of trainable parameters."""
+        agree = (lambda hit: distributed.all_true(hit, self.device)) if self.dist.sharded else (lambda hit: hit)
+        self._loss_unit = LossForward(self.model, self.cache, first_trainable_stack(self.model), agree)
+        blocks = [block for stack in self.model.rack for block in stack.blocks]
+        self._forward = distributed.wrap(self._loss_unit, blocks, self.dist, self.device)
+
+    def _gather_plain_model(self) -> None:
+        """FSDP2: a phase may grow, freeze or quantize stacks, which sharded modules cannot do, so
+        the weights are gathered whole into a freshly built model of the same structure (its
+        throwaway initialisation under a forked RNG, so the run's random stream is untouched);
+        `_wrap` shards it again once the phase has changed it. Optimizer state stays sharded and
+        is handed over by parameter name."""
+        whole = distributed.full_state_dict(self.model)
+        with torch.random.fork_rng(devices=[]):
+            plain = build_model(self.config, vocab_size=self.data.vocab_size)
+            for i in range(self.phase_index + 1):
+                apply_model_phase(plain, self.schedule.phases[i].model, i, self.config)
+        load_flat_state(plain, flatten_state(whole))
+        self.model_plane.model = plain.to(self.device)
 
     def _start_phase_services(self, phase: Phase, index: int) -> None:
         """Compile new stacks (run.compile) and open the phase's activation cache."""
@@ -259,17 +333,20 @@ class TrainingMachine:
         self._train_mode()
         parts = self.config.training.grad_accum_steps
         total = torch.zeros((), device=self.device)
-        for micro in _split(batch, parts):
+        denominator = self._loss_denominator(batch)
+        for i, micro in enumerate(_split(batch, parts)):
             micro = micro.to(self.device, non_blocking=True)
-            with self._autocast():
-                loss_sum = self._loss_sum(micro)
-            # Normalize by the whole batch's target count so accumulation equals one big batch.
-            loss = loss_sum / batch.n_target_tokens
-            loss.backward()
+            with distributed.no_gradient_sync(self._forward, self.dist, sync=i == parts - 1):
+                with self._autocast():
+                    loss_sum = self._forward(micro)
+                loss = loss_sum / denominator
+                loss.backward()
             total += loss.detach()
-        norm, group_norms = group_grad_norms(optimizer, self.optim.cfg.grad_clip)
+        norm, group_norms = group_grad_norms(optimizer, self.optim.cfg.grad_clip, sharded=self.dist.sharded)
         self._grad_norm = norm
         finite = torch.isfinite(total) & torch.isfinite(norm)
+        if self.dist.active:  # every rank takes (or skips, or stops at) the same update
+            finite = distributed.all_reduce(finite.to(torch.int32), "min").bool()
         if self.config.run.on_nonfinite == "skip_step":
             if not bool(finite):  # the one host sync per step this mode costs
                 optimizer.zero_grad(set_to_none=True)
@@ -285,6 +362,15 @@ class TrainingMachine:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _loss_denominator(self, batch: Batch) -> float | torch.Tensor:
+        """The step's loss is Σ ce·w over the whole (global) batch divided by its target count,
+        so accumulation and data parallelism both equal one big batch. DDP and FSDP average
+        gradients over the ranks, so each rank divides by (global count / ranks)."""
+        if not self.dist.active:
+            return batch.n_target_tokens
+        count = torch.tensor(float(batch.n_target_tokens), device=self.device, dtype=torch.float64)
+        return (distributed.all_reduce(count, "sum") / self.dist.world_size).float()
 
     def _group_labels(self, finite: torch.Tensor) -> list[str]:
         groups = self.optim.optimizer.param_groups
@@ -312,28 +398,6 @@ class TrainingMachine:
             for stack in list(self.model.rack)[:first]:
                 stack.eval()
 
-    def _hidden(self, batch: Batch) -> torch.Tensor:
-        """The rack's output. Stacks below the first trainable one are frozen: they run without
-        autograd, and in training their output comes from the activation cache when it is on."""
-        model, mode = self.model, batch.attention_mode
-        first = self._first_trainable
-        if first == 0:
-            return model.rack(model.embedding(batch.input_ids), mode)
-        use_cache = self.cache.active and model.training
-        trunk = self.cache.cache.lookup(batch.sample_ids) if use_cache else None
-        if trunk is None:
-            with torch.no_grad():
-                trunk = model.forward_from(model.embedding(batch.input_ids), 0, first, mode)
-            if use_cache:
-                self.cache.cache.store(batch.sample_ids, trunk)
-        else:
-            trunk = trunk.to(self.device, non_blocking=True)
-        return model.forward_from(trunk, first, None, mode)
-
-    def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Σ cross-entropy · weight over the loss positions (nats)."""
-        return loss_sum(self.model.head, self._hidden(batch), batch)
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -352,11 +416,18 @@ class TrainingMachine:
         if every and done % every == 0 and done != self.total_steps:
             self.save_checkpoint()
 
-    def _log_window(self, step: int, t: float, phase: Phase, lr: float) -> None:
-        # One host sync per logged window, not per step: the losses stay on the device until now.
-        values = torch.stack(self._pending_losses).tolist()
+    def _flush_losses(self) -> list[float]:
+        """The losses of the steps since the last flush, moved to the host (one sync per logged
+        window, not per step); under torchrun each rank's share is summed into the global batch's."""
+        if not self._pending_losses:
+            return []
+        values = distributed.all_reduce(torch.stack(self._pending_losses), "mean").tolist()
         self._pending_losses.clear()
         self.losses.extend(values)
+        return values
+
+    def _log_window(self, step: int, t: float, phase: Phase, lr: float) -> None:
+        values = self._flush_losses()
         self._check_finite()
         loss = values[-1]
         elapsed = time.perf_counter() - self._window_start
@@ -372,13 +443,23 @@ class TrainingMachine:
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Loss and bits per byte on the validation split, in the current phase's data settings."""
         self.model.eval()
-        total_nats, n_targets, n_bytes = 0.0, 0, 0
-        for batch in self.data.validation(max_batches or self.config.run.eval_batches):
-            batch = batch.to(self.device)
+        if self._forward is None:  # a machine that has not entered a phase yet
+            self._wrap()
+        batches = list(self.data.validation(max_batches or self.config.run.eval_batches))
+        rank, ranks = self.dist.rank, self.dist.world_size
+        mine = batches[rank::ranks]
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, targets, bytes
+        # Under torchrun the ranks share the batches; all make the same number of calls (FSDP
+        # gathers weights collectively), a rank without a batch left scoring a copy it ignores.
+        for i in range(-(-len(batches) // ranks)):
+            batch = (mine[i] if i < len(mine) else batches[0]).to(self.device)
             with self._autocast():
-                total_nats += float(self._loss_sum(batch))
-            n_targets += batch.n_target_tokens
-            n_bytes += batch.n_target_bytes
+                nats = self._forward(batch).double()
+            if i < len(mine):
+                totals[0] += nats
+                totals[1] += batch.n_target_tokens
+                totals[2] += batch.n_target_bytes
+        total_nats, n_targets, n_bytes = distributed.all_reduce(totals, "sum").tolist()
         result = {"val_loss": total_nats / max(n_targets, 1), "val_bpb": bits_per_byte(total_nats, n_bytes) if n_bytes else float("nan")}
         self.last_eval = result
         self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, **result)
@@ -394,9 +475,10 @@ class TrainingMachine:
         self.stopped = None
         try:
             with _StopSignals() as stop:
-                while not self.time.done and stop.signal is None:
+                # Under torchrun a signal may reach the ranks at different steps: all stop together.
+                while not self.time.done and not distributed.any_true(stop.signal is not None, self.device):
                     self.train_step()
-                self.stopped = stop.signal
+                self.stopped = stop.signal or ("SIGTERM" if not self.time.done else None)
             if self.stopped:
                 self.save_checkpoint()
                 where = f"; resume with: stackwise train --resume {self.run_dir}" if self.run_dir else ""
@@ -454,14 +536,12 @@ class TrainingMachine:
         if self.checkpoints is None:
             return None
         self._check_finite()  # never write a checkpoint after a NaN: the last good one must stay
-        if self._pending_losses:  # the history travels with the checkpoint
-            self.losses.extend(torch.stack(self._pending_losses).tolist())
-            self._pending_losses.clear()
+        self._flush_losses()  # the history travels with the checkpoint
+        optimizer = self.optim.optimizer
         state = {
             "time": self.time.state_dict(),
             "phase_index": self.phase_index,
-            "optimizer": self.optim.optimizer.state_dict() if self.optim.optimizer else {},
-            "optimizer_names": optimizer_param_names(self.optim.optimizer) if self.optim.optimizer else [],
+            "optimizer_names": optimizer_param_names(optimizer) if optimizer else [],
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
             "losses": torch.tensor(self.losses, dtype=torch.float64),
             "tokens_seen": self.tokens_seen,
@@ -481,7 +561,11 @@ class TrainingMachine:
             "stackwise_version": __version__,
         }
         try:
-            path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
+            if self.dist.active:
+                path = self._save_sharded(state, meta)
+            else:
+                state["optimizer"] = optimizer.state_dict() if optimizer else {}
+                path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
         except OSError as err:
             good = self.checkpoints.list()
             kept = f"the previous checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
@@ -492,30 +576,65 @@ class TrainingMachine:
         self.log.record("checkpoint", step=self.step, t=self.t, path=str(path))
         return path
 
+    def _save_sharded(self, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """torchrun: every rank writes its shards of the weights and optimizer state (DCP) into
+        rank 0's temporary folder; rank 0 adds the rest and renames the folder into place."""
+        tmp = Path(_on_main(self.dist, lambda: str(self.checkpoints.begin(self.step))))
+        optimizer = self.optim.optimizer
+        moments = state_by_name(optimizer) if optimizer else {}
+        state["optimizer_layout"] = {
+            name: {key: _state_kind(value) for key, value in entries.items()} for name, entries in moments.items()
+        }
+        tensors = {name: {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)} for name, entries in moments.items()}
+        try:
+            save_dcp(tmp / DCP_DIR, {"model": self.model.state_dict(), "optim": tensors})
+            failed = None
+        except Exception as err:  # a full disk on any rank fails the save on every rank
+            failed = f"{type(err).__name__}: {err}"
+        failed = distributed.broadcast_object(failed)
+        if failed:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(failed)
+        path = _on_main(self.dist, lambda: str(self.checkpoints.finish(tmp, self.step, state, meta)), OSError)
+        return Path(path)
+
     def _resume(self) -> None:
-        for note in self.checkpoints.recover():
-            self.log.say(f"checkpoints: {note}")
-        bad: list[str] = []
-
-        def skip(path: Path, why: str) -> None:
-            bad.append(why)
-            self.log.say(f"skipping damaged checkpoint: {why}")
-
-        ckpt = self.checkpoints.latest_good(on_bad=skip)
-        if ckpt is None and bad:
-            raise TrainingError(f"{self.run_dir}: every checkpoint is damaged ({'; '.join(bad)}); nothing to resume")
+        ckpt = self._newest_good_checkpoint()
         if ckpt is not None:
             self._restore(ckpt)
-        # Records written after the checkpoint belong to steps that will run again.
-        MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"] if ckpt else 0)
-        self.log.close()
-        self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
-        self.config.to_yaml(self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            # Records written after the checkpoint belong to steps that will run again.
+            MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"] if ckpt else 0)
+            self.log.close()
+            self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
+            self.config.to_yaml(self.run_dir / "config.yaml")
         if self.phase_index >= 0:  # the restored phase goes on with its cache (and compiled stacks)
             self._start_phase_services(self.phase, self.phase_index)
         where = f"from {ckpt.path}" if ckpt else "from step 0: the run stopped before its first checkpoint"
         self.log.record("resume", step=self.step, t=self.t, checkpoint=str(ckpt.path) if ckpt else None)
         self.log.say(f"resumed {where} at step {self.step} (t={self.t:.3f}, phase {self.phase.name})")
+
+    def _newest_good_checkpoint(self) -> Checkpoint | None:
+        """Rank 0 tidies the checkpoint folder and picks the newest good checkpoint; every rank
+        then loads that one."""
+
+        def pick() -> str | None:
+            for note in self.checkpoints.recover():
+                self.log.say(f"checkpoints: {note}")
+            bad: list[str] = []
+
+            def skip(path: Path, why: str) -> None:
+                bad.append(why)
+                self.log.say(f"skipping damaged checkpoint: {why}")
+
+            ckpt = self.checkpoints.latest_good(on_bad=skip)
+            if ckpt is None and bad:
+                raise TrainingError(f"{self.run_dir}: every checkpoint is damaged ({'; '.join(bad)}); nothing to resume")
+            return str(ckpt.path) if ckpt else None
+
+        path = _on_main(self.dist, pick)
+        return load_checkpoint(path) if path else None
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.state
@@ -528,16 +647,24 @@ class TrainingMachine:
         self.model.to(self.device)
         if self.model.rack.to_spec().to_dict() != ckpt.meta["rack"]:
             raise CheckpointError(f"{ckpt.path}: the rack it holds does not match the config's curriculum")
-        _load_weights(self.model, ckpt)
+        if not ckpt.sharded:
+            _load_weights(self.model, ckpt)  # whole weights go in before FSDP shards the model
         self.time.load_state_dict(state["time"])
         if index >= 0:
             start_step = self.schedule.step_ranges(self.total_steps)[index][0]
             self.data.enter_phase(self.schedule.phases[index], index, start_step)
+            self._wrap()
             self.optim.enter_phase(self.model, self.schedule.phases[index])
             if optimizer_param_names(self.optim.optimizer) != state["optimizer_names"]:
                 raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
-            self.optim.optimizer.load_state_dict(state["optimizer"])
+            if ckpt.sharded:
+                self._load_sharded(ckpt)
+            else:
+                saved = saved_state_by_name(state["optimizer"], state["optimizer_names"])
+                load_state_by_name(self.optim.optimizer, saved, place=distributed.shard_like)
             self._structure_settled()
+        elif ckpt.sharded:
+            self._load_sharded(ckpt)
         self.phase_index = index
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
@@ -549,6 +676,22 @@ class TrainingMachine:
         self.transitions = [Transition(**tr) for tr in state["transitions"]]
         self.last_eval = dict(state["last_eval"])
         self._saved_step = self.step
+
+    def _load_sharded(self, ckpt: Checkpoint) -> None:
+        """Weights and optimizer state from a DCP checkpoint, read straight into this run's
+        layout (whole tensors, or this rank's shards): any number of ranks may have written it."""
+        optimizer = self.optim.optimizer
+        params = dict(zip(optimizer_param_names(optimizer), (p for g in optimizer.param_groups for p in g["params"]),
+                          strict=True)) if optimizer else {}
+        layout = ckpt.state.get("optimizer_layout", {})
+        moments = {name: {key: _empty_state(kind, params[name]) for key, kind in keys.items() if kind != "none"}
+                   for name, keys in layout.items() if name in params}
+        into = {"model": self.model.state_dict(), "optim": moments}
+        load_dcp(ckpt.path / DCP_DIR, into)
+        if optimizer:
+            for name, keys in layout.items():  # entries that are None (SGD without momentum)
+                moments.setdefault(name, {}).update({key: None for key, kind in keys.items() if kind == "none"})
+            load_state_by_name(optimizer, moments)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -567,6 +710,34 @@ def _split(batch: Batch, parts: int) -> list[Batch]:
             mask_rates=None if batch.mask_rates is None else batch.mask_rates[sl],
         ))
     return out
+
+
+def _state_kind(value: Any) -> str:
+    """How an optimizer state entry is stored: like its parameter, a scalar (step), or None."""
+    if value is None:
+        return "none"
+    return "scalar" if value.ndim == 0 else "param"
+
+
+def _empty_state(kind: str, param: torch.Tensor) -> torch.Tensor:
+    """A tensor for DCP to fill: laid out like the parameter, or a step counter."""
+    return torch.zeros_like(param) if kind == "param" else torch.zeros((), dtype=torch.float32)
+
+
+def _on_main(ctx: distributed.DistContext, work: Any, error: type[Exception] = TrainingError) -> Any:
+    """Run `work()` on rank 0 and hand its result (or its error, raised as `error`) to every rank."""
+    if not ctx.active:
+        return work()
+    outcome: tuple[Any, str | None] = (None, None)
+    if ctx.is_main:
+        try:
+            outcome = (work(), None)
+        except (TrainingError, CheckpointError, OSError) as err:
+            outcome = (None, str(err))
+    result, failed = distributed.broadcast_object(outcome)
+    if failed is not None:
+        raise error(failed)
+    return result
 
 
 def _load_weights(model: StackWiseModel, ckpt: Checkpoint) -> None:
@@ -614,12 +785,12 @@ def _with_run_tokenizer(config: StackWiseConfig, run_dir: Path) -> StackWiseConf
     return config
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _pick_device(name: str, ctx: distributed.DistContext) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("run.device is 'cuda' but no CUDA device is available; use run.device=cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ctx.local_rank) if ctx.active else torch.device("cuda")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

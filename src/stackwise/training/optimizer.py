@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from stackwise.config import ConfigError, OptimizerConfig, value_at
 from stackwise.specs import OptimizerSpec
+from stackwise.training.distributed import all_reduce, local
 
 # Optimizers whose per-parameter state has the same meaning can hand it over at a rebuild:
 # Adam and AdamW both keep (step, exp_avg, exp_avg_sq); SGD keeps a momentum buffer.
@@ -188,25 +189,63 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         group["lr"] = base_lr * group.get("lr_scale", 1.0)
 
 
-def group_grad_norms(optimizer: torch.optim.Optimizer, max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_grad_norms(
+    optimizer: torch.optim.Optimizer, max_norm: float | None, sharded: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(global norm, per-group norms) of the gradients, clipping to `max_norm` unless None.
 
     One pass over the gradients serves both clipping and fault detection: a non-finite group norm
-    names the parameter group where a NaN/Inf appeared, with no host sync (0-d / 1-d tensors)."""
+    names the parameter group where a NaN/Inf appeared, with no host sync (0-d / 1-d tensors).
+    `sharded`: the gradients are FSDP shards; squared norms are summed over the ranks."""
     norms = []
     for group in optimizer.param_groups:
-        grads = [p.grad for p in group["params"] if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None)
+        grads = [local(p.grad) for p in group["params"] if p.grad is not None]
+        if not grads:
+            norms.append(None)
+        elif sharded:
+            norms.append(torch.stack(torch._foreach_norm(grads)).square().sum())
+        else:
+            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
     device = next((n.device for n in norms if n is not None), torch.device("cpu"))
     group_norms = torch.stack([n if n is not None else torch.zeros((), device=device) for n in norms])
+    if sharded:
+        group_norms = all_reduce(group_norms, "sum").sqrt()
     total = torch.linalg.vector_norm(group_norms)
     if max_norm is not None:
         # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef)
     return total, group_norms
+
+
+def state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """Per-parameter optimizer state keyed by parameter name (parameters without state left out)."""
+    pairs = zip(optimizer_param_names(optimizer), _params(optimizer), strict=True)
+    return {name: dict(optimizer.state[p]) for name, p in pairs if p in optimizer.state}
+
+
+def saved_state_by_name(saved: Mapping[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """`state_by_name` of an optimizer from its `state_dict()` and `optimizer_param_names`."""
+    return {names[int(i)]: dict(state) for i, state in saved["state"].items()}
+
+
+def load_state_by_name(
+    optimizer: torch.optim.Optimizer,
+    states: Mapping[str, Mapping[str, Any]],
+    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda value, param: value,
+) -> None:
+    """Give each parameter of `optimizer` the state saved under its name; `place` lays a whole
+    saved tensor out like its parameter (a shard of it under FSDP)."""
+    for name, param in zip(optimizer_param_names(optimizer), _params(optimizer), strict=True):
+        if name not in states:
+            continue
+        state = {
+            key: place(value, param) if isinstance(value, torch.Tensor) and value.shape == param.shape else value
+            for key, value in states[name].items()
+        }
+        optimizer.state[param] = _state_for(state, param)
 
 
 def optimizer_spec(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> OptimizerSpec:
