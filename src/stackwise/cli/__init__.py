@@ -54,6 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if path is None:
             print(f"stackwise: no config given, running the built-in demo ({builtin_demo_path()})", file=sys.stderr)
         machine = TrainingMachine(config, total_steps=args.steps)
+    if not machine.dist.is_main:  # under torchrun, rank 0 speaks for the run
+        machine.train()
+        return 0
     print(f"run directory: {machine.run_dir}", file=sys.stderr)
     result = machine.train()
     if result.stopped:
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from stackwise.cli.plot import PlotError
     from stackwise.training.checkpoint import CheckpointError
+    from stackwise.training.distributed import shutdown
     from stackwise.training.machine import TrainingError
 
     parser = build_parser()
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stackwise: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # leave torchrun's process group cleanly (nothing to do in a plain process)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,17 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) init
 
+    def add_adapters(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """Give an adapter-less layer (rank 0: a frozen base) rank-`rank` adapters; the base,
+        NF4 or dense, stays exactly as it is."""
+        if self.rank:
+            raise ValueError("this layer already has adapters")
+        _check_settings(rank, alpha, dropout, self.base_precision)
+        self.rank, self.alpha = rank, float(alpha)
+        self.scale = self.alpha / rank
+        self._init_adapters(self.weight.device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, rank: int = 0, alpha: float = 1.0, dropout: float = 0.0, base_precision: str = "fp32"
@@ -225,6 +236,22 @@ def attach_lora(
         precision = _storage_precision(path, linear.weight, base_precision)
         _replace(module, path, LoRALinear.from_linear(linear, r, alpha, dropout, precision))
     return adapted
+
+
+def add_adapters(module: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[str]:
+    """Adapters on the `targets` of a module whose linears are already adapter-less LoRALinear
+    layers (a stack frozen in NF4), keeping their bases: re-quantizing them would lose more.
+    Returns the paths that got adapters."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be ≥ 1 to adapt {targets}, got {rank}")
+    layers = lora_layers(module)
+    adapted = [(path, layer) for path, layer in layers if path.rpartition(".")[2] in set(targets)]
+    if not adapted:
+        names = sorted({path.rpartition(".")[2] for path, _ in layers})
+        raise ValueError(f"LoRA targets {sorted(targets)} match no layer in this module; its layers are {names}")
+    for _, layer in adapted:
+        layer.add_adapters(rank, alpha, dropout)
+    return [path for path, _ in adapted]
 
 
 def merge_lora(module: nn.Module) -> nn.Module:

@@ -320,8 +320,8 @@ class TrainingMachine:
         batch = self.data.batch(step, tau)
         loss = self._update(batch)
         self._pending_losses.append(loss)
-        self.tokens_seen += batch.n_tokens
-        self._window_tokens += batch.n_tokens
+        self.tokens_seen += batch.n_tokens * self.dist.world_size  # every rank's slice is as large
+        self._window_tokens += batch.n_tokens * self.dist.world_size
         self.time.advance()
         self._wall += time.perf_counter() - started
         self._after_step(step, t, phase, lr)

@@ -26,7 +26,7 @@ import torch
 
 from stackwise.config import ConfigError, LoraConfig, PhaseModelConfig, StackWiseConfig
 from stackwise.model import Stack, StackWiseModel
-from stackwise.model.lora import attach_lora, lora_layers, merge_lora, merge_lora_
+from stackwise.model.lora import add_adapters, attach_lora, lora_layers, merge_lora, merge_lora_
 from stackwise.specs import RackSpec
 
 # ---- the model plane of a phase -----------------------------------------------------------------
@@ -135,9 +135,15 @@ def adapt(stack: Stack, lora: LoraConfig, precision: str | None) -> None:
     the Q of QLoRA); a stack already adapted stays as it is, adapters and all."""
     if stack.role == "adapted":
         return
-    stack.freeze()
     base = precision or "nf4"
-    attach_lora(stack, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, base_precision=base)
+    if stack.role == "frozen" and stack.precision == base and lora_layers(stack):
+        # Frozen in NF4 already: adapters go on the existing 4-bit bases.
+        add_adapters(stack, lora.targets, lora.rank, lora.alpha, lora.dropout)
+    else:
+        if lora_layers(stack):
+            merge_lora_(stack)
+        stack.freeze()
+        attach_lora(stack, targets=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, base_precision=base)
     stack.role = "adapted"
     stack.precision = base
 
