@@ -1,4 +1,4 @@
-"""The `stackwise` command: train, plan, plot, eval, generate.
+"""The `stackwise` command: train, plan, plot, eval, generate, consolidate.
 
 Every user error (bad config, data, checkpoint or arguments) prints one message and exits 2.
 """
@@ -164,6 +164,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from stackwise.training.consolidate import consolidate
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
+    path = consolidate(run_dir, args.out, args.checkpoint)
+    print(f"wrote {path} (one-process format); resume with: stackwise train --resume {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackwise", description="Train transformers along an explicit timeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=16, help="mlm/diffusion: unmasking rounds (default: 16)")
     gen.add_argument("--seed", type=int, default=None, help="makes the output reproducible (default: random)")
     gen.set_defaults(func=cmd_generate)
+    cons = sub.add_parser("consolidate", help="rewrite a sharded (torchrun) checkpoint in the one-process format")
+    cons.add_argument("run_dir", metavar="RUN_DIR")
+    cons.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="a new run directory to write")
+    cons.add_argument("--checkpoint", metavar="STEP_DIR", help="this checkpoint folder (default: the newest good one)")
+    cons.set_defaults(func=cmd_consolidate)
     return parser
 
 

@@ -356,11 +356,32 @@ def load_flat_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> N
     with torch.no_grad():
         for name, target in state.items():
             if name in rebuilt:
-                owner_path, _, leaf = name.rpartition(".")
-                owner = module.get_submodule(owner_path)
-                if leaf in owner._parameters:  # swap the whole tensor: NF4 has no exact copy_
-                    owner._parameters[leaf] = nn.Parameter(rebuilt[name], requires_grad=False)
-                else:
-                    owner._buffers[leaf] = rebuilt[name]
+                _swap(module, name, rebuilt[name])
             else:
                 target.copy_(tensors[name])
+
+
+def _swap(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the whole tensor `name` (NF4 has no exact copy_)."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def nf4_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The NF4 weights of `module` alone, in `flat_state`'s form."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        if quant.is_nf4(t):
+            out.update(quant.nf4_to_tensors(name, t))
+    return out
+
+
+def load_nf4_state(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put back `module`'s NF4 weights from `nf4_state` output, bit-exactly (the rest untouched)."""
+    device = {name: t.device for name, t in module.state_dict().items()}
+    for name in quant.nf4_names(tensors):
+        _swap(module, name, quant.nf4_from_tensors(name, tensors, device[name]))

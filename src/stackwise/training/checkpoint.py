@@ -257,7 +257,7 @@ def save_dcp(folder: Path, tensors: dict[str, Any]) -> None:
     collective when distributed, a plain write in one process."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)))
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=not _distributed())
 
 
 def load_dcp(folder: Path, into: dict[str, Any]) -> None:
@@ -266,11 +266,17 @@ def load_dcp(folder: Path, into: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(into, storage_reader=_safe_reader(str(folder)))
+        dcp.load(into, storage_reader=_safe_reader(str(folder)), no_dist=not _distributed())
     except CheckpointError:
         raise
     except Exception as err:  # DCP wraps each rank's failure in its own exception type
         raise CheckpointError(f"{folder}: unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 # DCP describes its shards in a pickle (.metadata). It is read with an unpickler that builds only

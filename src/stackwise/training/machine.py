@@ -32,8 +32,8 @@ from stackwise.config import StackWiseConfig
 from stackwise.data.batch import Batch
 from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
 from stackwise.framework.factories import build_data_loader, build_model
-from stackwise.model import StackWiseModel
-from stackwise.model.lora import flat_state, flatten_state, load_flat_state
+from stackwise.model import StackWiseModel, quant
+from stackwise.model.lora import flat_state, flatten_state, load_flat_state, load_nf4_state, nf4_state
 from stackwise.specs import validate_training_state
 from stackwise.training import distributed
 from stackwise.training.cache import TrunkCache, cache_off_reason
@@ -511,19 +511,23 @@ class TrainingMachine:
     # ---- checkpoint and resume ----------------------------------------------------------
 
     @classmethod
-    def for_evaluation(cls, run_dir: str | os.PathLike[str], **data_settings: Any) -> TrainingMachine:
-        """A machine holding a finished (or interrupted) run's newest good checkpoint, for
-        evaluation or generation. Nothing in the run directory is written. `data_settings`
+    def for_evaluation(cls, run_dir: str | os.PathLike[str], *, checkpoint: str | os.PathLike[str] | None = None,
+                       **data_settings: Any) -> TrainingMachine:
+        """A machine holding a finished (or interrupted) run's newest good checkpoint (or the
+        given `checkpoint` folder), for evaluation, generation or export, in one process whatever
+        number of ranks wrote it. Nothing in the run directory is written. `data_settings`
         (paths, objective, mask_rate, mask_range, seq_len, ...) replace those of the checkpoint's
         phase, e.g. to score a run on another corpus or with another masking."""
         run_dir = Path(run_dir)
         config = _with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
-        manager = CheckpointManager(run_dir)
-        bad: list[str] = []
-        ckpt = manager.latest_good(on_bad=lambda path, why: bad.append(why))
-        if ckpt is None:
-            detail = f" ({'; '.join(bad)})" if bad else ""
-            raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
+        if checkpoint is not None:
+            ckpt = load_checkpoint(checkpoint)
+        else:
+            bad: list[str] = []
+            ckpt = CheckpointManager(run_dir).latest_good(on_bad=lambda path, why: bad.append(why))
+            if ckpt is None:
+                detail = f" ({'; '.join(bad)})" if bad else ""
+                raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
         machine = cls(config, run_dir=False, console=False)
         machine._restore(ckpt)
         given = {k: v for k, v in data_settings.items() if v is not None}
@@ -586,8 +590,13 @@ class TrainingMachine:
             name: {key: _state_kind(value) for key, value in entries.items()} for name, entries in moments.items()
         }
         tensors = {name: {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)} for name, entries in moments.items()}
+        weights = self.model.state_dict()
+        # NF4 weights travel whole, as their plain inner tensors: a 4-bit shard cannot be re-cut
+        # for another number of ranks. They are frozen and small; every rank holds the same copy.
+        nf4 = {name: distributed.full(t) for name, t in weights.items() if quant.is_nf4(distributed.local(t))}
+        dense = {name: t for name, t in weights.items() if name not in nf4}
         try:
-            save_dcp(tmp / DCP_DIR, {"model": self.model.state_dict(), "optim": tensors})
+            save_dcp(tmp / DCP_DIR, {"model": dense, "nf4": flatten_state(nf4), "optim": tensors})
             failed = None
         except Exception as err:  # a full disk on any rank fails the save on every rank
             failed = f"{type(err).__name__}: {err}"
@@ -649,6 +658,8 @@ class TrainingMachine:
             raise CheckpointError(f"{ckpt.path}: the rack it holds does not match the config's curriculum")
         if not ckpt.sharded:
             _load_weights(self.model, ckpt)  # whole weights go in before FSDP shards the model
+        else:
+            self._load_sharded_nf4(ckpt)  # so do NF4 weights, stored whole
         self.time.load_state_dict(state["time"])
         if index >= 0:
             start_step = self.schedule.step_ranges(self.total_steps)[index][0]
@@ -677,6 +688,12 @@ class TrainingMachine:
         self.last_eval = dict(state["last_eval"])
         self._saved_step = self.step
 
+    def _load_sharded_nf4(self, ckpt: Checkpoint) -> None:
+        nf4 = {name: torch.empty_like(t) for name, t in nf4_state(self.model).items()}
+        if nf4:
+            load_dcp(ckpt.path / DCP_DIR, {"nf4": nf4})
+            load_nf4_state(self.model, nf4)
+
     def _load_sharded(self, ckpt: Checkpoint) -> None:
         """Weights and optimizer state from a DCP checkpoint, read straight into this run's
         layout (whole tensors, or this rank's shards): any number of ranks may have written it."""
@@ -686,8 +703,8 @@ class TrainingMachine:
         layout = ckpt.state.get("optimizer_layout", {})
         moments = {name: {key: _empty_state(kind, params[name]) for key, kind in keys.items() if kind != "none"}
                    for name, keys in layout.items() if name in params}
-        into = {"model": self.model.state_dict(), "optim": moments}
-        load_dcp(ckpt.path / DCP_DIR, into)
+        dense = {name: t for name, t in self.model.state_dict().items() if not quant.is_nf4(distributed.local(t))}
+        load_dcp(ckpt.path / DCP_DIR, {"model": dense, "optim": moments})
         if optimizer:
             for name, keys in layout.items():  # entries that are None (SGD without momentum)
                 moments.setdefault(name, {}).update({key: None for key, kind in keys.items() if kind == "none"})
