@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        shutdown(together=True)
+        return code
     except (ConfigError, DataError, SpecError, CheckpointError, TrainingError, PlotError, UsageError) as err:
         print(f"stackwise {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stackwise: interrupted", file=sys.stderr)
         return 130
     finally:
-        shutdown()  # leave torchrun's process group cleanly (nothing to do in a plain process)
+        shutdown(together=False)  # after an error (a no-op when already left, or in a plain process)
 
 
 if __name__ == "__main__":

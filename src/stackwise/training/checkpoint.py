@@ -256,21 +256,33 @@ def save_dcp(folder: Path, tensors: dict[str, Any]) -> None:
     """Every rank writes its shards of `tensors` (nested dicts of tensors) into `folder`; a
     collective when distributed, a plain write in one process."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=not _distributed())
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=not _distributed())
+    except (OSError, CheckpointException) as err:
+        raise CheckpointError(f"{folder}: writing the sharded checkpoint failed ({_first_line(err)})") from None
 
 
 def load_dcp(folder: Path, into: dict[str, Any]) -> None:
     """Fill `into` (tensors laid out as this run wants them: whole, or this rank's shards) from a
     DCP folder written with any number of ranks."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(into, storage_reader=_safe_reader(str(folder)), no_dist=not _distributed())
     except CheckpointError:
         raise
-    except Exception as err:  # DCP wraps each rank's failure in its own exception type
-        raise CheckpointError(f"{folder}: unreadable sharded checkpoint ({type(err).__name__}: {err})") from None
+    except (Exception, CheckpointException) as err:  # DCP gathers every rank's failure into one (a BaseException)
+        raise CheckpointError(f"{folder}: unreadable sharded checkpoint ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """DCP's errors carry each rank's traceback; the reason is in the last line of the first."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    reason = next((line for line in lines if "refused" in line or "Error:" in line), lines[-1] if lines else "")
+    return f"{type(err).__name__}: {reason.strip()}"
 
 
 def _distributed() -> bool:

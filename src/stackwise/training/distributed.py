@@ -72,8 +72,13 @@ def setup(mode: str, device: str) -> DistContext:
     return DistContext(mode, rank, world, local_rank)
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. After a clean finish the ranks leave together: one tearing it
+    down while another still talks (rank 0 writing its plot, say) can abort the process. After
+    an error a rank leaves at once, so torchrun sees it fail and stops the others."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

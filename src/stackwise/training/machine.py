@@ -598,8 +598,8 @@ class TrainingMachine:
         try:
             save_dcp(tmp / DCP_DIR, {"model": dense, "nf4": flatten_state(nf4), "optim": tensors})
             failed = None
-        except Exception as err:  # a full disk on any rank fails the save on every rank
-            failed = f"{type(err).__name__}: {err}"
+        except CheckpointError as err:  # a full disk on any rank fails the save on every rank
+            failed = str(err)
         failed = distributed.broadcast_object(failed)
         if failed:
             if self.dist.is_main:
