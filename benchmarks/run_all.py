@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "hf_compare": ["--blocks", "2", "--steps", "2", "--warmup", "1", "--trainer-warmup", "1",
                    "--mem-repeats", "1", "--mem-steps", "3"],
     "scaling": ["--repeats", "1", "--steps", "2", "--warmup", "1"],
+    "distributed_step": ["--repeats", "1", "--steps", "4", "--skip", "1"],
 }
 
 
@@ -70,6 +71,8 @@ def headline(name: str, r: dict) -> dict[str, Any]:
         return {"growth_over_4x": r.get("growth_over_4x"),
                 "relative_to_base": {row["point"]: {k: row[k] for k in row if k.startswith("×base")}
                                      for row in r.get("rows", []) if row["point"] != "base"}}
+    if name == "distributed_step":
+        return {row["mode"]: {"median_step_s": row["median step s"], "vs_single": row["vs single"]} for row in r.get("rows", [])}
     # A benchmark this script does not know yet: its top-level scalars and anything named *ratio*.
     return {k: v for k, v in r.items()
             if (isinstance(v, (int, float, bool)) and k not in ("repeats", "steps")) or "ratio" in k}

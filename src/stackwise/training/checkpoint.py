@@ -18,12 +18,14 @@ Loading checks the checksums and structure; `latest_good()` walks back past dama
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,7 +261,8 @@ def save_dcp(folder: Path, tensors: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=not _distributed())
+        with _quiet_single_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=not _distributed())
     except (OSError, CheckpointException) as err:
         raise CheckpointError(f"{folder}: writing the sharded checkpoint failed ({_first_line(err)})") from None
 
@@ -271,7 +274,8 @@ def load_dcp(folder: Path, into: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(into, storage_reader=_safe_reader(str(folder)), no_dist=not _distributed())
+        with _quiet_single_process():
+            dcp.load(into, storage_reader=_safe_reader(str(folder)), no_dist=not _distributed())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # DCP gathers every rank's failure into one (a BaseException)
@@ -283,6 +287,14 @@ def _first_line(err: BaseException) -> str:
     lines = [line for line in str(err).splitlines() if line.strip()]
     reason = next((line for line in lines if "refused" in line or "Error:" in line), lines[-1] if lines else "")
     return f"{type(err).__name__}: {reason.strip()}"
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it "assumes" one process when no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _distributed() -> bool:
