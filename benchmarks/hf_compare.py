@@ -6,10 +6,17 @@ both sides, so both models hold the same parameters (5,261,568; asserted).
 
 Contenders:
 
-- ours-loop:     a `StackWiseModel` in a plain hand-written loop (CE on the logits);
-- ours-machine:  the same model trained by `TrainingMachine.train_step()`;
+- ours-loop:     a `StackWiseModel` in a plain hand-written loop, its loss from `model.loss(ids,
+                 labels)` (the model's own training loss: head and cross-entropy fused in row
+                 chunks, logits never materialized);
+- ours-logits:   the same model in the same loop with the loss computed the way the HF loop does,
+                 `F.cross_entropy(model(ids))` on the logits: isolates the model body;
+- ours-machine:  the same model trained by `TrainingMachine.train_step()` (its defaults: the fused
+                 head + loss, and AdamW's fused update kernel);
 - hf-loop:       `LlamaForCausalLM` (sdpa attention) in the same plain loop, `use_cache=False` (as the
                  Trainer sets it for training);
+The plain loops all use `torch.optim.AdamW` with torch's default implementation, so they differ
+in the model and its loss only.
 - hf-trainer:    `transformers.Trainer` (adamw_torch, constant lr, max_grad_norm 1.0) running its
                  own loop, with the same CE on the logits (`compute_loss_func`).
 
@@ -75,7 +82,7 @@ CONFIG = {
 REFERENCE = {"tokens_per_s": {"ours-loop": 4200, "hf-loop": 4230, "hf-trainer": 3865},
              "peak_rss_mb": {"ours-loop": 800, "hf-loop": 890, "hf-trainer": 991}}
 
-IN_PROCESS = ("ours-loop", "ours-machine", "hf-loop")
+IN_PROCESS = ("ours-loop", "ours-logits", "ours-machine", "hf-loop")
 CONTENDERS = (*IN_PROCESS, "hf-trainer")
 
 
@@ -135,22 +142,30 @@ def adamw(model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS)
 
 
-def our_logits(model, input_ids):
-    return model(input_ids)
+def our_loss(model, input_ids, labels):
+    return model.loss(input_ids, labels)
 
 
-def hf_logits(model, input_ids):
-    return model(input_ids=input_ids, use_cache=False).logits
+def our_logits_loss(model, input_ids, labels):
+    return F.cross_entropy(model(input_ids).flatten(0, 1), labels.flatten())
 
 
-def plain_loop(forward, model, optimizer, batches, steps: range) -> torch.Tensor:
-    """The hand-written loop both models run: CE on the logits, clip, AdamW (a log line every 10)."""
+def hf_loss(model, input_ids, labels):
+    # No name holds the logits: they die inside the loss (log_softmax keeps its own output).
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+LOSS_FNS = {"ours-loop": our_loss, "ours-logits": our_logits_loss, "hf-loop": hf_loss}
+
+
+def plain_loop(loss_fn, model, optimizer, batches, steps: range) -> torch.Tensor:
+    """The hand-written loop every model runs: loss, backward, clip, AdamW (a log line every 10)."""
     model.train()
     loss = torch.zeros(())
     for step in steps:
         input_ids, labels = batches[step]
-        # No name holds the logits: they die inside the loss (log_softmax keeps its own output).
-        loss = F.cross_entropy(forward(model, input_ids).flatten(0, 1), labels.flatten())
+        loss = loss_fn(model, input_ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
@@ -218,26 +233,22 @@ def throughput(blocks: int, steps: int, warmup: int, trainer_warmup: int, cache_
     params = {"ours": n_params(base), "hf": n_params(hf_base)}
     with torch.no_grad():  # the same function: first-batch losses of the two models
         x, y = batches[0]
-        first_loss = {"ours": F.cross_entropy(our_logits(base, x).flatten(0, 1), y.flatten()).item(),
-                      "hf": F.cross_entropy(hf_logits(hf_base, x).flatten(0, 1), y.flatten()).item()}
+        first_loss = {"ours": our_loss(base, x, y).item(), "ours-logits": our_logits_loss(base, x, y).item(),
+                      "hf": hf_loss(hf_base, x, y).item()}
 
-    ours = copy.deepcopy(base)
-    ours_opt = adamw(ours)
     machine = machine_for(config, copy.deepcopy(base), loader, total)
-    hf = copy.deepcopy(hf_base)
-    hf_opt = adamw(hf)
-    run = {
-        "ours-loop": lambda r: plain_loop(our_logits, ours, ours_opt, batches, r),
-        "ours-machine": lambda r: [machine.train_step() for _ in r],
-        "hf-loop": lambda r: plain_loop(hf_logits, hf, hf_opt, batches, r),
-    }
+    run = {"ours-machine": lambda r: [machine.train_step() for _ in r]}
+    for name, model in (("ours-loop", base), ("ours-logits", base), ("hf-loop", hf_base)):
+        model = copy.deepcopy(model)
+        optimizer = adamw(model)
+        run[name] = lambda r, name=name, model=model, opt=optimizer: plain_loop(LOSS_FNS[name], model, opt, batches, r)
     for name in IN_PROCESS:  # warm-up: first steps allocate, fill the allocator, build RoPE tables
         run[name](range(warmup))
     assert machine.step == warmup
     tps: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     for b in range(blocks):
         r = range(warmup + b * steps, warmup + (b + 1) * steps)
-        order = IN_PROCESS[b % 3:] + IN_PROCESS[: b % 3]
+        order = IN_PROCESS[b % len(IN_PROCESS):] + IN_PROCESS[: b % len(IN_PROCESS)]
         for name in order:
             tps[name].append(steps * TOKENS_PER_STEP / timed(lambda name=name, r=r: run[name](r)))
         tps["hf-trainer"].append(run_trainer(copy.deepcopy(hf_base), batches, range(r.start, r.stop), min(trainer_warmup, r.start), out_dir))
@@ -265,16 +276,11 @@ def worker(name: str, steps: int, cache_dir: str | None) -> dict:
         else:
             loader = build_data_loader(config)
             batches = make_batches(loader, steps)
-            if name == "ours-loop":
-                model = build_model(config, vocab_size=loader.vocab_size)
+            if name in LOSS_FNS:
+                model = hf_model() if name == "hf-loop" else build_model(config, vocab_size=loader.vocab_size)
                 optimizer = adamw(model)
                 before = current_rss_mb()
-                seconds = timed(lambda: plain_loop(our_logits, model, optimizer, batches, range(steps)))
-            elif name == "hf-loop":
-                model = hf_model()
-                optimizer = adamw(model)
-                before = current_rss_mb()
-                seconds = timed(lambda: plain_loop(hf_logits, model, optimizer, batches, range(steps)))
+                seconds = timed(lambda: plain_loop(LOSS_FNS[name], model, optimizer, batches, range(steps)))
             elif name == "hf-trainer":
                 model = hf_model()
                 _quiet_imports()
@@ -321,11 +327,11 @@ def profile(cache_dir: str, rows: int) -> None:
     ours = build_model(config, vocab_size=loader.vocab_size)
     hf = hf_model()
     copy_ours_into_hf(ours, hf)
-    for label, forward, model in (("ours", our_logits, ours), ("hf", hf_logits, hf)):
+    for label, model in (("ours-loop", ours), ("ours-logits", ours), ("hf-loop", hf)):
         optimizer = adamw(model)
-        plain_loop(forward, model, optimizer, batches, range(3))  # warm
+        plain_loop(LOSS_FNS[label], model, optimizer, batches, range(3))  # warm
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            plain_loop(forward, model, optimizer, batches, range(3, 4))
+            plain_loop(LOSS_FNS[label], model, optimizer, batches, range(3, 4))
         print(f"\n=== {label}: one training step, ops by self CPU time ===")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
@@ -343,6 +349,7 @@ def summarize(result: dict, runs: list[dict]) -> tuple[list[dict], dict]:
              "ref tok/s": REFERENCE["tokens_per_s"].get(n, "-"), "ref RSS MB": REFERENCE["peak_rss_mb"].get(n, "-")}
             for n in CONTENDERS]
     pairs = {"ours-loop/hf-loop": ("ours-loop", "hf-loop"),            # the models, same loop
+             "ours-logits/hf-loop": ("ours-logits", "hf-loop"),        # the model bodies, same loss code
              "ours-machine/hf-loop": ("ours-machine", "hf-loop"),
              "ours-machine/hf-trainer": ("ours-machine", "hf-trainer")}  # each library's engine
     ratios = {k: {"tokens_per_s": med[a] / med[b], "peak_rss": mem[a]["peak_rss_mb"] / mem[b]["peak_rss_mb"],

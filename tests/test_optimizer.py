@@ -118,6 +118,19 @@ def test_builds_each_optimizer_type(kind):
     assert not torch.equal(before, model.rack.stacks[1][1].weight)
 
 
+def test_fused_kernel_is_the_default_and_can_be_turned_off():
+    model = Tiny()
+    fused = build_optimizer(model, OptimizerConfig())
+    assert fused.defaults["fused"] is True
+    assert build_optimizer(model, OptimizerConfig(fused=False)).defaults["fused"] is False
+    reference = copy.deepcopy(model)
+    train(reference, build_optimizer(reference, OptimizerConfig(fused=False)), 3)
+    train(model, fused, 3)  # the fused CPU kernel: same update up to rounding
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert build_optimizer(model, OptimizerConfig(optimizer_type="SGD", fused=True)).defaults["fused"] is False
+
+
 def test_schedule_lr_starts_at_its_value_at_tau_zero():
     opt = build_optimizer(Tiny(), OptimizerConfig(lr=LrSchedule(peak=1e-3, warmup=0.1)))
     assert all(g["lr"] == 0.0 for g in opt.param_groups)

@@ -180,6 +180,7 @@ class OptimizerConfig(_Section):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; null disables clipping")
     lr_scale: dict[str, float] = Field(default_factory=dict, description="parameter-group name pattern -> lr multiplier")
+    fused: bool = Field(default=True, description="AdamW/Adam: torch's fused update kernel; false = per-tensor loop")
 
     @field_validator("lr")
     @classmethod

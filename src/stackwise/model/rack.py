@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from stackwise.config import ModelConfig
+from stackwise.model.head_loss import linear_cross_entropy_sum
 from stackwise.model.layers import Block, RMSNorm, Rotary, attention_class, init_block_
 from stackwise.specs import EmbeddingSpec, HeadSpec, ModelSpec, RackSpec
 
@@ -143,6 +144,12 @@ class Head(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden))
 
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ weight · cross-entropy of the logits of hidden rows (N, d_model) against labels (N,),
+        in nats (fp32), without materializing the logits: projection and loss run fused in row
+        chunks (model/head_loss.py). Equals `F.cross_entropy(self(hidden), labels)` summed."""
+        return linear_cross_entropy_sum(self.norm(hidden), self.proj, labels, weights)
+
     def to_spec(self, tied: bool) -> HeadSpec:
         frozen = not any(p.requires_grad for p in self.parameters())
         return HeadSpec(d_model=self.proj.in_features, vocab_size=self.proj.out_features, tied=tied, frozen=frozen)
@@ -179,6 +186,14 @@ class StackWiseModel(nn.Module):
         hidden = self.rack(self.embedding(input_ids), attention_mode)
         logits = self.head(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mode: str = "causal") -> torch.Tensor:
+        """Mean cross-entropy of the next-token predictions for (B, T) `input_ids` against (B, T)
+        `labels` (already aligned: labels[:, i] is the target at position i), for a training loop
+        of your own. Same value as `F.cross_entropy(self(input_ids).flatten(0, 1), labels.flatten())`
+        but never holds the (B, T, vocab) logits: the head and the loss run fused in row chunks."""
+        hidden = self.rack(self.embedding(input_ids), attention_mode)
+        return self.head.loss_sum(hidden.flatten(0, 1), labels.flatten()) / labels.numel()
 
     def forward_from(
         self, hidden: torch.Tensor, start_stack: int, end_stack: int | None = None, attention_mode: str = "causal"

@@ -6,27 +6,21 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from stackwise.data.batch import Batch
+from stackwise.model.head_loss import plain_cross_entropy_sum
 
 
 def loss_sum(head: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Σ cross-entropy · weight over the batch's loss positions (nats), from the rack's output.
 
     The head projects only the positions in the loss: masked objectives skip the logits of the
-    ~85% of positions nobody scores (clm scores every position with weight 1)."""
+    ~85% of positions nobody scores (clm scores every position with weight 1). The projection and
+    the cross-entropy are fused in row chunks (`Head.loss_sum`)."""
     if batch.objective == "clm":
-        return weighted_ce_sum(head(hidden).flatten(0, 1), batch.labels.flatten(), None)
+        return head.loss_sum(hidden.flatten(0, 1), batch.labels.flatten())
     where = batch.loss_mask
-    return weighted_ce_sum(head(hidden[where]), batch.labels[where], batch.loss_weight[where])
-
-
-def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Σ ce·w over rows of logits (N, V); cross-entropy in fp32 whatever the logits' dtype."""
-    if weights is None:
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum()
+    return head.loss_sum(hidden[where], batch.labels[where], batch.loss_weight[where])
 
 
 def token_loss(
@@ -40,7 +34,7 @@ def token_loss(
     Cross-entropy is computed in fp32 whatever the logits' dtype.
     """
     where = batch.loss_mask
-    total = weighted_ce_sum(logits[where], batch.labels[where], batch.loss_weight[where])
+    total = plain_cross_entropy_sum(logits[where], batch.labels[where], batch.loss_weight[where])
     return total if reduction == "sum" else total / batch.n_target_tokens
 
 
