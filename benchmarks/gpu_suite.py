@@ -389,6 +389,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "gpu_suite.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths only")
     parser.add_argument("--only", nargs="*", default=None, help="sections: peak throughput nf4_memory")
+    parser.add_argument("--contenders", nargs="*", default=None, help="keep only these throughput contenders")
     args = parser.parse_args()
     clock = Clock(args.budget_s)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -396,6 +397,8 @@ def main() -> None:
         sys.exit("no CUDA device: run with --smoke to check the code paths on the CPU")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     contenders = {"tiny": CONTENDERS["125M"]} if args.smoke else CONTENDERS
+    if args.contenders is not None:
+        contenders = {shape: [n for n in names if n in args.contenders] for shape, names in contenders.items()}
     sections = args.only or ["peak", "throughput", "nf4_memory"]
     results: dict[str, Any] = {"benchmark": "gpu_suite", "machine": machine(), "smoke": args.smoke,
                                "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",

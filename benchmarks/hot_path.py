@@ -5,6 +5,10 @@ BPE-4096), alternating blocks of steps, medians over blocks:
 
 - masked objectives: the head and cross-entropy on the masked positions only (what the machine
   does) vs on every position (the naive loss: logits for ~85% of positions nobody scores);
+- clm: the head and cross-entropy fused in row chunks (`Head.loss_sum`, what the machine does) vs
+  logits for the whole batch, then `F.cross_entropy`;
+- the optimizer: AdamW's fused update kernel (`optimizer.fused: true`, the default) vs torch's
+  per-tensor loop;
 - logging: one host sync per logged window (`log_every: 10`, the default) vs a sync every step;
 - data: the share of a step spent building its batch (`batch_at`), which decides whether a
   prefetch thread would pay;
@@ -27,20 +31,28 @@ from benchmarks.common import median, table, write_results
 from stackwise.training import TrainingMachine
 
 
-def config(objective: str, log_every: int, tmp: str) -> dict:
+def config(objective: str, log_every: int, tmp: str, fused_adamw: bool = True) -> dict:
     return {
         "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": {"n_stacks": 2, "blocks_per_stack": 2}},
-        "training": {"batch_size": 8, "seq_len": 256},
+        "training": {"batch_size": 8, "seq_len": 256, "optimizer": {"fused": fused_adamw}},
         "data": {"tokenizer": {"kind": "bpe", "vocab_size": 4096}, "objective": objective},
         "run": {"dir": tmp, "eval_every": 10**9, "log_every": log_every},
     }
 
 
-def naive_loss_sum(self, batch):
-    """The loss computed the simple way: logits for every position, then masked."""
-    logits = self.model.head(self._hidden(batch))
+def naive_loss(self, batch):
+    """`LossForward.forward` the simple way: logits for every position, F.cross_entropy, then
+    weighted (masked positions have weight 0)."""
+    logits = self.model.head(self.hidden(batch))
     ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), reduction="none")
     return (ce * batch.loss_weight.flatten()).sum()
+
+
+def with_naive_loss(machine: TrainingMachine) -> TrainingMachine:
+    unit = machine._loss_unit  # one process: the module the step calls
+    assert unit is not None and machine._forward is unit
+    unit.forward = types.MethodType(naive_loss, unit)
+    return machine
 
 
 def block_time(machine: TrainingMachine, steps: int) -> float:
@@ -73,19 +85,23 @@ def main() -> None:
     args = parser.parse_args()
     rows, extra = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        def machine(objective: str, log_every: int = 10) -> TrainingMachine:
+        def machine(objective: str, log_every: int = 10, fused_adamw: bool = True) -> TrainingMachine:
             torch.manual_seed(0)
-            m = TrainingMachine(config(objective, log_every, tmp), total_steps=10**6, run_dir=False, console=False)
+            m = TrainingMachine(config(objective, log_every, tmp, fused_adamw), total_steps=10**6, run_dir=False, console=False)
             for _ in range(2):
                 m.train_step()
             return m
 
         for objective in ("mlm", "diffusion"):
-            ours, naive = machine(objective), machine(objective)
-            naive._loss_sum = types.MethodType(naive_loss_sum, naive)
-            t_ours, t_naive = compare(ours, naive, args.blocks, args.steps)
+            t_ours, t_naive = compare(machine(objective), with_naive_loss(machine(objective)), args.blocks, args.steps)
             rows.append({"variant": f"{objective}: loss on masked positions only vs all positions",
                          "ours_s": t_ours, "baseline_s": t_naive, "speedup": t_naive / t_ours})
+        t_ours, t_naive = compare(machine("clm"), with_naive_loss(machine("clm")), args.blocks, args.steps)
+        rows.append({"variant": "clm: head + cross-entropy fused in row chunks vs logits then F.cross_entropy",
+                     "ours_s": t_ours, "baseline_s": t_naive, "speedup": t_naive / t_ours})
+        t_ours, t_loop = compare(machine("clm"), machine("clm", fused_adamw=False), args.blocks, args.steps)
+        rows.append({"variant": "AdamW: fused update kernel vs torch's per-tensor loop",
+                     "ours_s": t_ours, "baseline_s": t_loop, "speedup": t_loop / t_ours})
 
         lazy, eager = machine("clm", 10), machine("clm", 1)
         t_lazy, t_eager = compare(lazy, eager, args.blocks, args.steps)

@@ -70,7 +70,7 @@ def phase_memory(config: StackWiseConfig, model: StackWiseModel, phase: Phase, d
         model,
         batch_size=data["batch_size"], seq_len=data["seq_len"], objective=data["objective"],
         mask_fraction=_mask_fraction(data), optimizer_type=optimizer.optimizer_type, momentum=optimizer.momentum,
-        grad_accum_steps=config.training.grad_accum_steps, autocast_bf16=autocast,
+        grad_accum_steps=config.training.grad_accum_steps, device=device, autocast_bf16=autocast,
         cache_windows=windows(data["seq_len"]) if (cache_on and windows) else 0,
     )
 

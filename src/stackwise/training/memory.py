@@ -11,8 +11,10 @@ of a training step is the sum of:
   one that trains, adapters included), per token per block, counted from what autograd saves for
   this block implementation: mha/gqa 11·d + 4·ffn + n_heads + 2 values, mla measured on a
   one-block probe (see `block_activation_values`);
-- the loss: logits, log-softmax and their gradient, 3 · positions · vocab values (clm scores
-  every position, masked objectives only the masked ones);
+- the loss: the head and cross-entropy run fused in row chunks (model/head_loss.py), so only one
+  chunk of fp32 logits exists at a time (plus its bf16 copies under autocast), with the gradient
+  of the scored rows (kept from forward to backward, and its scaled copy) and, when the head
+  trains, its weight's gradient (clm scores every position, masked objectives the masked ones);
 - the activation cache (host RAM): one fp32 row of seq_len · d_model per training window;
 - on CUDA with bf16 autocast, the bf16 copies of dense weights autocast keeps during a step.
 
@@ -28,12 +30,12 @@ import torch
 
 from stackwise.config import ModelConfig
 from stackwise.model import StackWiseModel
+from stackwise.model.head_loss import chunk_rows
 from stackwise.model.lora import LoRALinear
 
 # NF4: 4 bits a value, an int8 scale per block of 64, and per group of (up to) 256 scales a
 # double-quantization scale (fp32): 0.5 + 1/64 + 4/(64·256) bytes a weight.
 NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / (64 * 256)
-LOSS_VALUES_PER_SCORED_POSITION = 3  # logits, log-softmax output, and the logits' gradient
 TRANSIENT_BLOCKS = 2  # working set of the block in flight, in units of one block's saved activations
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -111,7 +113,7 @@ def estimate_phase(
         # The block being computed holds its gradient buffers and temporaries on top of what is
         # saved: measured at about twice one block's saved activations (benchmarks/memory_planner).
         transients=TRANSIENT_BLOCKS * tokens * per_token * act_bytes,
-        loss=LOSS_VALUES_PER_SCORED_POSITION * scored * model.vocab_size * 4,
+        loss=loss_bytes(scored, model.vocab_size, cfg.d_model, model.head.proj.weight.requires_grad, device, autocast_bf16),
     )
     if cache_windows:
         estimate.cache = cache_windows * seq_len * cfg.d_model * 4
@@ -122,6 +124,15 @@ def estimate_phase(
                     and not (isinstance(m, LoRALinear) and m.base_precision == "nf4"))
         estimate.autocast_copies = 2 * dense
     return estimate
+
+
+def loss_bytes(scored: float, vocab: int, d_model: int, head_trains: bool, device: str, autocast_bf16: bool) -> float:
+    """Peak bytes of the fused head + cross-entropy over `scored` rows (model/head_loss.py)."""
+    rows = chunk_rows(vocab, torch.device(device), max(1, int(scored)))
+    chunk = rows * vocab * (4 + (2 * 2 if autocast_bf16 else 0))  # fp32 logits; bf16 product and gradient
+    row_grads = 2 * scored * d_model * 4  # ∂hidden from forward, and its scaled copy in backward
+    weight_grad = vocab * d_model * 4 if head_trains else 0  # ∂W waiting for backward
+    return chunk + row_grads + weight_grad
 
 
 def first_trainable_stack(model: StackWiseModel) -> int:
