@@ -10,6 +10,9 @@ BPE-4096), alternating blocks of steps, medians over blocks:
 - the optimizer: AdamW's fused update kernel (`optimizer.fused: true`, the default) vs torch's
   per-tensor loop;
 - logging: one host sync per logged window (`log_every: 10`, the default) vs a sync every step;
+- QLoRA trunk: our NF4 decoder (`quant.decode_nf4`) and the adapter update in one `addmm` vs
+  torchao's `linear_nf4` and the update added apart (top stack trains, three NF4 + LoRA stacks
+  below it);
 - data: the share of a step spent building its batch (`batch_at`), which decides whether a
   prefetch thread would pay;
 - a torch.profiler table of one step (top ops by CPU time) goes to the JSON for reference.
@@ -28,15 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import median, table, write_results
+from stackwise.model import quant
+from stackwise.model.lora import LoRALinear
 from stackwise.training import TrainingMachine
 
 
-def config(objective: str, log_every: int, tmp: str, fused_adamw: bool = True) -> dict:
+def config(objective: str, log_every: int, tmp: str, fused_adamw: bool = True, qlora: bool = False) -> dict:
+    stacks = {"n_stacks": 4, "blocks_per_stack": 1} if qlora else {"n_stacks": 2, "blocks_per_stack": 2}
+    phase = {"trainable": "last:1", "trunk": "qlora"} if qlora else {}
     return {
-        "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": {"n_stacks": 2, "blocks_per_stack": 2}},
+        "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": stacks},
         "training": {"batch_size": 8, "seq_len": 256, "optimizer": {"fused": fused_adamw}},
         "data": {"tokenizer": {"kind": "bpe", "vocab_size": 4096}, "objective": objective},
         "run": {"dir": tmp, "eval_every": 10**9, "log_every": log_every},
+        "schedule": [{"name": "main", "start_t": 0.0, "end_t": 1.0, "model_config": phase}],
     }
 
 
@@ -52,6 +60,31 @@ def with_naive_loss(machine: TrainingMachine) -> TrainingMachine:
     unit = machine._loss_unit  # one process: the module the step calls
     assert unit is not None and machine._forward is unit
     unit.forward = types.MethodType(naive_loss, unit)
+    return machine
+
+
+def _torchao_linear_nf4():
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+    except ImportError:
+        from torchao.dtypes.nf4tensor import linear_nf4
+    return linear_nf4
+
+
+def torchao_lora_forward(self, x):
+    """`LoRALinear.forward` over torchao's NF4 linear (its decoder), the update added apart."""
+    out = _torchao_linear_nf4()(x, self.weight)
+    if not self.rank:
+        return out
+    update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+    return out + self.scale * update
+
+
+def with_torchao_qlora(machine: TrainingMachine) -> TrainingMachine:
+    layers = [m for m in machine.model.modules() if isinstance(m, LoRALinear) and quant.is_nf4(m.weight)]
+    assert layers and all(layer.bias is None for layer in layers)
+    for layer in layers:
+        layer.forward = types.MethodType(torchao_lora_forward, layer)
     return machine
 
 
@@ -85,9 +118,10 @@ def main() -> None:
     args = parser.parse_args()
     rows, extra = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        def machine(objective: str, log_every: int = 10, fused_adamw: bool = True) -> TrainingMachine:
+        def machine(objective: str, log_every: int = 10, fused_adamw: bool = True, qlora: bool = False) -> TrainingMachine:
             torch.manual_seed(0)
-            m = TrainingMachine(config(objective, log_every, tmp, fused_adamw), total_steps=10**6, run_dir=False, console=False)
+            m = TrainingMachine(config(objective, log_every, tmp, fused_adamw, qlora), total_steps=10**6, run_dir=False,
+                                console=False)
             for _ in range(2):
                 m.train_step()
             return m
@@ -102,6 +136,11 @@ def main() -> None:
         t_ours, t_loop = compare(machine("clm"), machine("clm", fused_adamw=False), args.blocks, args.steps)
         rows.append({"variant": "AdamW: fused update kernel vs torch's per-tensor loop",
                      "ours_s": t_ours, "baseline_s": t_loop, "speedup": t_loop / t_ours})
+        if quant.nf4_available():
+            t_ours, t_torchao = compare(machine("clm", qlora=True), with_torchao_qlora(machine("clm", qlora=True)),
+                                        args.blocks, args.steps)
+            rows.append({"variant": "QLoRA trunk: our NF4 decode + addmm update vs torchao's linear_nf4",
+                         "ours_s": t_ours, "baseline_s": t_torchao, "speedup": t_torchao / t_ours})
 
         lazy, eager = machine("clm", 10), machine("clm", 1)
         t_lazy, t_eager = compare(lazy, eager, args.blocks, args.steps)

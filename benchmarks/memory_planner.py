@@ -78,7 +78,7 @@ def worker(name: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per config; the median is reported")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--worker")
     args = parser.parse_args()

@@ -34,7 +34,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine_overhead": ["--blocks", "2", "--steps", "3", "--warmup", "1"],
     "hot_path": ["--blocks", "2", "--steps", "2"],
     "progressive_flatness": ["--repeats", "1", "--steps", "2"],
-    "memory_planner": [],  # its defaults are already one short repeat
+    "memory_planner": ["--repeats", "1"],
     "hf_compare": ["--blocks", "2", "--steps", "2", "--warmup", "1", "--trainer-warmup", "1",
                    "--mem-repeats", "1", "--mem-steps", "3"],
     "scaling": ["--repeats", "1", "--steps", "2", "--warmup", "1"],

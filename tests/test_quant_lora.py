@@ -69,6 +69,31 @@ def test_to_nf4_handles_ffn_shapes_and_is_accurate(shape):
     assert quant.nf4_nbytes(t) < w.numel() * 4 * 0.14  # ≈ 4.13 bits per weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(688, 256), (64, 3)])
+def test_decode_is_bit_identical_to_torchaos_decoder(shape, dtype):
+    torch.manual_seed(0)
+    t = quant.to_nf4(torch.randn(shape, dtype=dtype))
+    reference = t.get_original_weight()  # torchao's own decoder
+    decoded = quant.decode_nf4(t, dtype)
+    assert decoded.dtype == dtype and torch.equal(decoded, reference)
+    assert torch.equal(quant.decode_nf4(t, torch.float32), reference.float())
+
+
+def test_nf4_linear_gradients_are_those_of_the_decoded_weight():
+    torch.manual_seed(0)
+    t = quant.to_nf4(torch.randn(688, 256) * 0.02)
+    x = torch.randn(3, 5, 256, requires_grad=True)
+    y = quant.nf4_linear(x, t)
+    grad_out = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, grad_out)
+    dense = x.detach().clone().requires_grad_()
+    expected = F.linear(dense, t.get_original_weight())
+    expected.backward(grad_out)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, dense.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_scaler_block_size_rule_and_clear_error():
     assert quant.scaler_block_size_for(2752) == 172  # 688×256 / 64 blocks; 256 does not divide it
     assert quant.scaler_block_size_for(1024) == 256

@@ -109,8 +109,11 @@ class LoRALinear(nn.Module):
         out = self.base_forward(x)
         if not self.rank:
             return out
-        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return out + self.scale * update
+        low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        # out + scale·low·Bᵀ as one addmm: no output-sized update, scaled copy or sum in between.
+        flat = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.rank),
+                           self.lora_B.to(out.dtype).t(), alpha=self.scale)
+        return flat.view(out.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """Dense fp32 W + scale·B·A (a new tensor, no grad)."""

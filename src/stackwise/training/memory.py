@@ -110,8 +110,11 @@ def estimate_phase(
         gradients=grad_bytes,
         optimizer=moments * grad_bytes,
         activations=grad_blocks * tokens * per_token * act_bytes + tokens * (2 * cfg.d_model + 1) * 4,
-        # The block being computed holds its gradient buffers and temporaries on top of what is
-        # saved: measured at about twice one block's saved activations (benchmarks/memory_planner).
+        # Working memory on top of what is saved: the temporaries of the block in flight (about
+        # 0.4 of a block's saved activations, measured on CPU with glibc's mmap threshold pinned so
+        # that freed memory goes back at once) and the freed memory the allocator keeps for reuse
+        # (glibc's heap on CPU, the caching allocator on CUDA): about 2 blocks in all on CPU
+        # (benchmarks/memory_planner).
         transients=TRANSIENT_BLOCKS * tokens * per_token * act_bytes,
         loss=loss_bytes(scored, model.vocab_size, cfg.d_model, model.head.proj.weight.requires_grad, device, autocast_bf16),
     )
