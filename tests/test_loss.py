@@ -62,6 +62,18 @@ def test_frozen_head_and_no_grad():
         torch.testing.assert_close(linear_cross_entropy_sum(hidden, head, labels), reference(hidden, head, labels))
 
 
+def test_one_backward_pass_then_a_clear_error():
+    hidden = torch.randn(N, D, requires_grad=True)
+    head = nn.Linear(D, V, bias=False)
+    labels = torch.randint(0, V, (N,))
+    total = linear_cross_entropy_sum(hidden, head, labels)
+    total.backward(retain_graph=True)
+    first = head.weight.grad.clone()
+    with pytest.raises(RuntimeError, match=r"one backward pass.*F\.cross_entropy"):
+        total.backward()
+    assert torch.equal(head.weight.grad, first)  # nothing was added by the refused pass
+
+
 def test_tied_weight_gathers_both_gradients():
     embedding = nn.Embedding(V, D)
     head = nn.Linear(D, V, bias=False)

@@ -10,7 +10,8 @@ in closed form, so the forward pass computes it directly, a chunk of rows at a t
     G_c      = w · (softmax(logits_c) − onehot(label))      (in place of the logits)
     ∂h_c     = G_c @ W,   ∂W += G_cᵀ @ h_c
 
-and the backward pass only scales the stored ∂h, ∂W by the incoming gradient. Only one chunk of
+and the backward pass only scales the stored ∂h, ∂W in place by the incoming gradient and hands
+them on (so one backward pass per forward: a second, with `retain_graph`, raises). Only one chunk of
 logits exists at a time (a few MiB on CPU), the matrix products are those the plain path runs, and
 the softmax passes are fewer. On the reference shape the head and loss alone take ~50 ms instead
 of ~80 ms for logits + `F.cross_entropy` (about 1.06× a whole machine step, benchmarks/hot_path.py),
@@ -118,13 +119,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(grad.t(), h)
                     else:
                         grad_w += grad.t() @ h
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        # Held on ctx, not saved for backward: they are this function's own results, which
+        # backward scales in place and hands on, so no second copy of ∂W (vocab × d) or ∂h exists.
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_total.to(grad_w.dtype),
-                None, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused head + cross-entropy was already backpropagated: it hands its stored gradients on "
+                "(scaled in place) to save memory, so it supports one backward pass; for a second one "
+                "(retain_graph=True) compute the loss from logits (model.head(hidden), then F.cross_entropy)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                grad.mul_(grad_total.to(grad.dtype))
+        return grad_h, grad_w, None, None, None, None

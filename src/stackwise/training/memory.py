@@ -13,8 +13,10 @@ of a training step is the sum of:
   one-block probe (see `block_activation_values`);
 - the loss: the head and cross-entropy run fused in row chunks (model/head_loss.py), so only one
   chunk of fp32 logits exists at a time (plus its bf16 copies under autocast), with the gradient
-  of the scored rows (kept from forward to backward, and its scaled copy) and, when the head
-  trains, its weight's gradient (clm scores every position, masked objectives the masked ones);
+  of the scored rows (kept from forward to backward, scaled in place) and the head weight's
+  gradient when it is added to an earlier micro-batch's; otherwise that gradient becomes
+  the weight's `.grad`, counted with the gradients (clm scores every position, masked objectives
+  the masked ones);
 - the activation cache (host RAM): one fp32 row of seq_len · d_model per training window;
 - on CUDA with bf16 autocast, the bf16 copies of dense weights autocast keeps during a step.
 
@@ -116,7 +118,8 @@ def estimate_phase(
         # (glibc's heap on CPU, the caching allocator on CUDA): about 2 blocks in all on CPU
         # (benchmarks/memory_planner).
         transients=TRANSIENT_BLOCKS * tokens * per_token * act_bytes,
-        loss=loss_bytes(scored, model.vocab_size, cfg.d_model, model.head.proj.weight.requires_grad, device, autocast_bf16),
+        loss=loss_bytes(scored, model.vocab_size, cfg.d_model, _head_grad_added(model, grad_accum_steps), device,
+                        autocast_bf16),
     )
     if cache_windows:
         estimate.cache = cache_windows * seq_len * cfg.d_model * 4
@@ -129,13 +132,22 @@ def estimate_phase(
     return estimate
 
 
-def loss_bytes(scored: float, vocab: int, d_model: int, head_trains: bool, device: str, autocast_bf16: bool) -> float:
-    """Peak bytes of the fused head + cross-entropy over `scored` rows (model/head_loss.py)."""
+def loss_bytes(scored: float, vocab: int, d_model: int, head_grad_added: bool, device: str, autocast_bf16: bool) -> float:
+    """Peak bytes of the fused head + cross-entropy over `scored` rows (model/head_loss.py): one
+    chunk of logits, the rows' gradient, and the head's gradient when it is added to another one
+    rather than becoming the weight's `.grad` (counted with the gradients)."""
     rows = chunk_rows(vocab, torch.device(device), max(1, int(scored)))
     chunk = rows * vocab * (4 + (2 * 2 if autocast_bf16 else 0))  # fp32 logits; bf16 product and gradient
-    row_grads = 2 * scored * d_model * 4  # ∂hidden from forward, and its scaled copy in backward
-    weight_grad = vocab * d_model * 4 if head_trains else 0  # ∂W waiting for backward
+    row_grads = scored * d_model * 4  # ∂hidden, computed in forward, scaled in place in backward
+    weight_grad = vocab * d_model * 4 if head_grad_added else 0
     return chunk + row_grads + weight_grad
+
+
+def _head_grad_added(model: StackWiseModel, grad_accum_steps: int) -> bool:
+    """Whether the head's ∂W, computed in forward, is added to a `.grad` that already exists (an
+    earlier micro-batch's), so that both are alive at the step's peak. Otherwise it becomes the
+    `.grad` (a tied embedding's share arrives at the end of backward, past the peak)."""
+    return model.head.proj.weight.requires_grad and grad_accum_steps > 1
 
 
 def first_trainable_stack(model: StackWiseModel) -> int:
