@@ -27,6 +27,7 @@ from stackwise.data.errors import DataError
 from stackwise.data.objectives import ATTENTION_MODE, clm, diffusion, mlm, stable_seed
 from stackwise.data.token_cache import TokenSplits, load_token_splits
 from stackwise.data.tokenizer import DummyTokenizer, Tokenizer, build_tokenizer, check_vocab
+from stackwise.training.schedule import data_settings
 
 if TYPE_CHECKING:
     from stackwise.framework import BatchSpec
@@ -270,12 +271,9 @@ class ProgressiveDataLoader:
 
     def _check_schedule(self) -> None:
         # Fail at construction, not hours into a run, if a later phase's corpus or seq_len cannot work.
-        data, training = self.config.data, self.config.training
         for phase in self.config.schedule or []:
-            d = phase.data_config
-            paths = tuple(d.paths) if d.paths is not None else tuple(data.paths)
-            stream = self._stream(paths, d.text_field or data.text_field)
-            _check_size(stream, d.seq_len or training.seq_len)
+            settings = data_settings(self.config, phase.data_config, phase.task, tau=None)
+            _check_size(self._stream(tuple(settings["paths"]), settings["text_field"]), settings["seq_len"])
 
 
 def _check_size(stream: TokenSplits, seq_len: int) -> None:

@@ -469,7 +469,15 @@ def resolve_data(config: StackWiseConfig, phase: Phase, tau: float | None = 0.0)
     With tau=None a ramped `mask_rate` is returned as the Ramp itself, for a loader that
     evaluates it per step.
     """
-    over, base = phase.data, config.data
+    return data_settings(config, phase.data, phase.task, tau)
+
+
+def data_settings(
+    config: StackWiseConfig, over: PhaseDataConfig, task: str | None = None, tau: float | None = 0.0
+) -> dict[str, Any]:
+    """`resolve_data` from a phase's data overrides and task alone (a config phase whose bounds
+    are not known yet, e.g. step-defined before the run length is)."""
+    base = config.data
 
     def pick(name: str, default: Any) -> Any:
         value = getattr(over, name)
@@ -477,7 +485,7 @@ def resolve_data(config: StackWiseConfig, phase: Phase, tau: float | None = 0.0)
 
     mask_rate = pick("mask_rate", base.mask_rate)
     return {
-        "objective": phase.task or over.objective or base.objective,
+        "objective": task or over.objective or base.objective,
         "seq_len": pick("seq_len", config.training.seq_len),
         "batch_size": pick("batch_size", config.training.batch_size),
         "mask_rate": mask_rate if tau is None else value_at(mask_rate, tau),
