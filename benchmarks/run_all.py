@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, list[str]] = {
                    "--mem-repeats", "1", "--mem-steps", "3"],
     "scaling": ["--repeats", "1", "--steps", "2", "--warmup", "1"],
     "distributed_step": ["--repeats", "1", "--steps", "4", "--skip", "1"],
+    "generation": ["--rounds", "1", "--new-tokens", "16"],
 }
 
 
@@ -71,6 +72,9 @@ def headline(name: str, r: dict) -> dict[str, Any]:
         return {"growth_over_4x": r.get("growth_over_4x"),
                 "relative_to_base": {row["point"]: {k: row[k] for k in row if k.startswith("×base")}
                                      for row in r.get("rows", []) if row["point"] != "base"}}
+    if name == "generation":
+        return {"cached_over_uncached": {row["model"]: row["speedup"] for row in r.get("rows", [])},
+                "same_ids": all(row["same_ids"] for row in r.get("rows", []))}
     if name == "distributed_step":
         return {row["mode"]: {"median_step_s": row["median step s"], "vs_single": row["vs single"]} for row in r.get("rows", [])}
     # A benchmark this script does not know yet: its top-level scalars and anything named *ratio*.

@@ -8,7 +8,7 @@ import yaml
 from stackwise.cli import main
 from stackwise.config import StackWiseConfig
 from stackwise.data.tokenizer import ByteTokenizer
-from stackwise.model import StackWiseModel
+from stackwise.model import KVCache, StackWiseModel
 from stackwise.model.sampling import generate_causal, generate_masked, generate_text, unmask_schedule
 
 TOK = ByteTokenizer()
@@ -16,9 +16,9 @@ SPECIALS = [TOK.pad_id, TOK.mask_id]
 PROMPT = TOK.encode("def ")
 
 
-def tiny_model(max_seq_len: int = 64) -> StackWiseModel:
+def tiny_model(max_seq_len: int = 64, **extra) -> StackWiseModel:
     model = {"vocab_size": 259, "d_model": 32, "n_heads": 2, "max_seq_len": max_seq_len,
-             "architecture": {"n_stacks": 1, "blocks_per_stack": 1}}
+             "architecture": {"n_stacks": 1, "blocks_per_stack": 1}, **extra}
     cfg = StackWiseConfig.from_dict({"model": model, "training": {"seq_len": 8}, "data": {}}).model
     torch.manual_seed(0)
     return StackWiseModel(cfg)
@@ -68,6 +68,42 @@ def test_context_is_cropped_past_max_seq_len():
     assert generate_causal(small, TOK.encode("xyz window"), 3, temperature=0) == generate_causal(
         small, TOK.encode("ow window"), 3, temperature=0
     )
+
+
+ATTENTIONS = {
+    "mha": {},
+    "gqa": {"n_heads": 4, "n_kv_heads": 2},
+    "mla": {"attention": "mla", "mla": {"kv_rank": 8, "q_rank": 16}},
+}
+
+
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
+def test_kv_cache_gives_the_logits_of_the_whole_context(attention):
+    model = tiny_model(max_seq_len=16, architecture={"n_stacks": 2, "blocks_per_stack": 2}, **ATTENTIONS[attention]).eval()
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(16)
+    with torch.no_grad():
+        full = model(ids)
+        pieces = [(0, 5), (5, 6), (6, 7), (7, 11), (11, 16)]  # a prompt, single tokens, a chunk
+        for start, end in pieces:
+            hidden = model.rack(model.embedding(ids[:, start:end]), "causal", cache=cache)
+            torch.testing.assert_close(model.head(hidden), full[:, start:end], rtol=1e-5, atol=1e-5)
+    assert cache.length == 16
+    with pytest.raises(ValueError, match=r"exceeds model\.max_seq_len=16"):
+        model.rack(model.embedding(ids[:, :1]), "causal", cache=cache)
+    with pytest.raises(ValueError, match="holds 4 positions; 5 were asked for"):
+        model.rack(model.embedding(ids[:, :5]), "causal", cache=KVCache(4))
+    with pytest.raises(ValueError, match="causal attention over the whole rack"):
+        model.rack(model.embedding(ids), "bidirectional", cache=KVCache(16))
+
+
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
+def test_generation_with_and_without_the_cache_agree(attention):
+    # max_seq_len 12, prompt 5, 15 new tokens: the cache serves the first steps, then the window slides.
+    model = tiny_model(max_seq_len=12, **ATTENTIONS[attention])
+    for kwargs in ({"temperature": 0}, {"seed": 3}):
+        cached = generate_causal(model, PROMPT + TOK.encode("x"), 15, **kwargs)
+        assert cached == generate_causal(model, PROMPT + TOK.encode("x"), 15, kv_cache=False, **kwargs)
 
 
 def test_causal_restores_train_mode_and_rejects_bad_arguments(model):

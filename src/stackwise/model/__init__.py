@@ -1,5 +1,6 @@
 """The model plane: Block, Stack, Rack, Embedding, Head and StackWiseModel."""
 
+from stackwise.model.kv_cache import KVCache
 from stackwise.model.layers import Attention, Block, LatentAttention, RMSNorm, SwiGLU, block_param_count
 from stackwise.model.rack import Embedding, Head, Rack, Stack, StackWiseModel
 
@@ -8,6 +9,7 @@ __all__ = [
     "Block",
     "Embedding",
     "Head",
+    "KVCache",
     "LatentAttention",
     "RMSNorm",
     "Rack",

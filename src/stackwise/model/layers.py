@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise.config import ModelConfig
+from stackwise.model.kv_cache import KVCache
 
 ATTENTION_MODES = ("causal", "bidirectional")
 
@@ -38,14 +39,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if seq_len > self.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.max_seq_len}")
-        if self.cos.shape[0] < seq_len or self.cos.device != device:
+    def forward(self, seq_len: int, device: torch.device, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables of positions [offset, offset + seq_len)."""
+        if offset + seq_len > self.max_seq_len:
+            raise ValueError(f"sequence length {offset + seq_len} exceeds model.max_seq_len={self.max_seq_len}")
+        if self.cos.shape[0] < offset + seq_len or self.cos.device != device:
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
             angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
             self.cos, self.sin = angles.cos(), angles.sin()
-        return self.cos[:seq_len], self.sin[:seq_len]
+        return self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, dropout: float) -> torch.Tensor:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    queries, keys = q.shape[-2], k.shape[-2]
+    if mode == "causal" and queries != keys:
+        # Queries are the last positions of a longer cached sequence: query i sees keys ≤ its position.
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mode == "causal")
 
 
@@ -78,12 +85,16 @@ class Attention(nn.Module):
     def rope_dim(cfg: ModelConfig) -> int:
         return cfg.head_dim
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mode: str, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(self, k, v)
         if self.n_kv_heads != self.n_heads:
             # Each K/V head serves n_heads / n_kv_heads query heads.
             repeat = self.n_heads // self.n_kv_heads
@@ -119,7 +130,9 @@ class LatentAttention(nn.Module):
     def rope_dim(cfg: ModelConfig) -> int:
         return cfg.mla.rope_dim or max(2, cfg.head_dim // 2)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mode: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mode: str, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, hd, rd = self.n_heads, self.head_dim, self.rope_dim_
         q = self.q_up(self.q_norm(self.q_down(x))) if hasattr(self, "q_up") else self.q(x)
@@ -131,6 +144,8 @@ class LatentAttention(nn.Module):
         k_pos = apply_rope(self.k_rope(x).view(B, 1, T, rd), *rope).expand(B, H, T, rd)
         q = torch.cat((q_nope, apply_rope(q_pos, *rope)), dim=-1)
         k = torch.cat((k_nope, k_pos), dim=-1)
+        if cache is not None:
+            k, v = cache.append(self, k, v)
         out = _sdpa(q, k, v, mode, self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -161,8 +176,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention_mode: str = "causal") -> torch.Tensor:
-        x = x + self.drop(self.attention(self.attn_norm(x), rope, attention_mode))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention_mode: str = "causal",
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attention(self.attn_norm(x), rope, attention_mode, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
     def output_projections(self) -> list[nn.Linear]:

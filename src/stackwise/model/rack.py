@@ -11,6 +11,7 @@ from torch import nn
 
 from stackwise.config import ModelConfig
 from stackwise.model.head_loss import linear_cross_entropy_sum
+from stackwise.model.kv_cache import KVCache
 from stackwise.model.layers import Block, RMSNorm, Rotary, attention_class, init_block_
 from stackwise.specs import EmbeddingSpec, HeadSpec, ModelSpec, RackSpec
 
@@ -29,12 +30,18 @@ class Stack(nn.Module):
         for block in self.blocks:
             init_block_(block, cfg.init_std, cfg.n_blocks)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention_mode: str = "causal") -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention_mode: str = "causal",
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         # A stack stored in bf16/fp16 computes in its own dtype and hands fp32 back to the rack.
         dtype = self.blocks[0].attn_norm.weight.dtype
         h = x.to(dtype)
         for block in self.blocks:
-            h = block(h, rope, attention_mode)
+            h = block(h, rope, attention_mode, cache)
         return h.to(x.dtype)
 
     def freeze(self) -> None:
@@ -86,14 +93,27 @@ class Rack(nn.Module):
         self.stacks = nn.ModuleDict(items)
         return new_id
 
-    def forward(self, x: torch.Tensor, attention_mode: str = "causal", start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run stacks [start, end) on hidden states x (B, T, d_model)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mode: str = "causal",
+        start: int = 0,
+        end: int | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run stacks [start, end) on hidden states x (B, T, d_model). With a `cache` (causal, whole
+        rack), x's positions come after the cache's `length` and their keys and values are kept."""
         end = len(self.stacks) if end is None else end
         if not 0 <= start <= end <= len(self.stacks):
             raise IndexError(f"stack slice [{start}, {end}) is outside a rack of {len(self.stacks)} stacks")
-        rope = self.rotary(x.shape[1], x.device)
+        if cache is not None and (attention_mode != "causal" or (start, end) != (0, len(self.stacks))):
+            raise ValueError("a KV cache serves causal attention over the whole rack")
+        offset = 0 if cache is None else cache.length
+        rope = self.rotary(x.shape[1], x.device, offset)
         for stack in list(self.stacks.values())[start:end]:
-            x = stack(x, rope, attention_mode)
+            x = stack(x, rope, attention_mode, cache)
+        if cache is not None:
+            cache.length += x.shape[1]
         return x
 
     def to_spec(self) -> RackSpec:

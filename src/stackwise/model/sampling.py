@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stackwise.model.kv_cache import KVCache
+
 STRATEGIES = ("confidence", "random")
 MASKED_OBJECTIVES = ("mlm", "diffusion")
 
@@ -134,11 +136,17 @@ def generate_causal(
     seed: int | None = None,
     stop_id: int | None = None,
     banned_ids: Sequence[int] = (),
+    kv_cache: bool = True,
 ) -> list[int]:
     """Sample up to `max_new_tokens` ids after `prompt_ids`, one at a time, with causal attention.
 
     The model sees at most its last `cfg.max_seq_len` positions. Stops early after producing
     `stop_id` (which is included in the result). Returns only the new ids.
+
+    With `kv_cache` (the default) the prompt runs once and each new token runs one position,
+    attending to the keys and values kept from the earlier ones, for as long as the sequence fits
+    in `max_seq_len`. Past that the window slides, every position moves, and each step runs the
+    whole window again (what `kv_cache=False` does at every step).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -151,10 +159,14 @@ def generate_causal(
     seq = torch.empty(len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
     seq[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     end = len(prompt_ids)
+    cache = KVCache(window) if kv_cache else None
     with _inference(model):
         while end < seq.numel():
-            context = seq[max(0, end - window) : end][None]
-            hidden = model.rack(model.embedding(context), "causal")
+            if cache is not None and end <= window:  # everything so far fits: run the new positions
+                hidden = model.rack(model.embedding(seq[cache.length : end][None]), "causal", cache=cache)
+            else:
+                context = seq[max(0, end - window) : end][None]
+                hidden = model.rack(model.embedding(context), "causal")
             # Only the last position's logits are needed: skip the head on all the others.
             logits = model.head(hidden[:, -1])
             token, _ = sample(logits)
