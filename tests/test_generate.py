@@ -89,12 +89,41 @@ def test_kv_cache_gives_the_logits_of_the_whole_context(attention):
             hidden = model.rack(model.embedding(ids[:, start:end]), "causal", cache=cache)
             torch.testing.assert_close(model.head(hidden), full[:, start:end], rtol=1e-5, atol=1e-5)
     assert cache.length == 16
-    with pytest.raises(ValueError, match=r"exceeds model\.max_seq_len=16"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"exceeds model\.max_seq_len=16"):
         model.rack(model.embedding(ids[:, :1]), "causal", cache=cache)
-    with pytest.raises(ValueError, match="holds 4 positions; 5 were asked for"):
+    with torch.no_grad(), pytest.raises(ValueError, match="holds 4 positions; 5 were asked for"):
         model.rack(model.embedding(ids[:, :5]), "causal", cache=KVCache(4))
     with pytest.raises(ValueError, match="causal attention over the whole rack"):
         model.rack(model.embedding(ids), "bidirectional", cache=KVCache(16))
+    with torch.no_grad(), pytest.raises(ValueError, match="one cache per batch"):
+        model.rack(model.embedding(ids[:1, :3]), "causal", cache=cache_after(model, ids[:, :2]))
+    with pytest.raises(ValueError, match="for inference"):
+        model.rack(model.embedding(ids[:, :2]), "causal", cache=KVCache(16))
+
+
+def cache_after(model: StackWiseModel, ids: torch.Tensor) -> KVCache:
+    cache = KVCache(model.cfg.max_seq_len)
+    model.rack(model.embedding(ids), "causal", cache=cache)
+    return cache
+
+
+def test_kv_cache_refuses_a_layer_run_twice_in_one_pass():
+    model = tiny_model(max_seq_len=16).eval()
+    model.rack.insert(1, model.rack[0])  # the same stack object at two positions
+    with torch.no_grad(), pytest.raises(ValueError, match="ran twice in one pass"):
+        model.rack(model.embedding(torch.tensor([[1, 2, 3]])), "causal", cache=KVCache(16))
+
+
+def test_kv_cache_in_a_bf16_stack():
+    model = tiny_model(max_seq_len=16, architecture={"n_stacks": 2, "blocks_per_stack": 1}).eval()
+    model.rack[0].to(torch.bfloat16)  # a stack stored in bf16 computes (and caches) in bf16
+    ids = torch.randint(0, 259, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = cache_after(model, ids[:, :6])
+        for position in range(6, 10):
+            last = model.head(model.rack(model.embedding(ids[:, position : position + 1]), "causal", cache=cache))
+            torch.testing.assert_close(last, full[:, position : position + 1], rtol=0, atol=0.05)
 
 
 @pytest.mark.parametrize("attention", list(ATTENTIONS))

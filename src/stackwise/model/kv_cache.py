@@ -26,6 +26,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._filled: dict[int, int] = {}  # positions each layer holds: `length` between calls
 
     def append(self, layer: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store `layer`'s keys and values (B, H, T, d) of positions [length, length + T) and return
@@ -33,11 +34,20 @@ class KVCache:
         end = self.length + keys.shape[2]
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {end} were asked for")
-        if id(layer) not in self._layers:
+        key = id(layer)
+        if key not in self._layers:
             batch, heads, _, _ = keys.shape
-            self._layers[id(layer)] = (keys.new_empty(batch, heads, self.max_len, keys.shape[-1]),
-                                       values.new_empty(batch, heads, self.max_len, values.shape[-1]))
-        cached_keys, cached_values = self._layers[id(layer)]
+            self._layers[key] = (keys.new_empty(batch, heads, self.max_len, keys.shape[-1]),
+                                 values.new_empty(batch, heads, self.max_len, values.shape[-1]))
+            self._filled[key] = 0
+        cached_keys, cached_values = self._layers[key]
+        if self._filled[key] != self.length:
+            raise ValueError("an attention layer ran twice in one pass (a module shared between blocks): "
+                             "a KV cache keeps one set of keys and values per layer")
+        if keys.shape[:2] != cached_keys.shape[:2]:
+            raise ValueError(f"this KV cache holds batch × heads {tuple(cached_keys.shape[:2])}, "
+                             f"got {tuple(keys.shape[:2])}: use one cache per batch of sequences")
         cached_keys[:, :, self.length : end] = keys
         cached_values[:, :, self.length : end] = values
+        self._filled[key] = end
         return cached_keys[:, :, :end], cached_values[:, :, :end]

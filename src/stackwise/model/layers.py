@@ -62,6 +62,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, dropout:
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
     queries, keys = q.shape[-2], k.shape[-2]
+    if mode == "causal" and queries == 1:  # the newest position sees every cached one: no mask
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     if mode == "causal" and queries != keys:
         # Queries are the last positions of a longer cached sequence: query i sees keys ≤ its position.
         mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)

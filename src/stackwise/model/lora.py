@@ -97,23 +97,21 @@ class LoRALinear(nn.Module):
     ) -> LoRALinear:
         return cls(linear.weight, linear.bias, rank, alpha, dropout, base_precision)
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen base alone: x·Wᵀ (+ b), in x's dtype."""
+    def _base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ over the frozen base, in x's dtype (no bias)."""
         if quant.is_nf4(self.weight):
-            out = quant.nf4_linear(x, self.weight)
-        else:
-            out = F.linear(x, self.weight.to(x.dtype))
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+            return quant.nf4_linear(x, self.weight)
+        return F.linear(x, self.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        if not self.rank:
-            return out
-        low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        # out + scale·low·Bᵀ as one addmm: no output-sized update, scaled copy or sum in between.
-        flat = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.rank),
-                           self.lora_B.to(out.dtype).t(), alpha=self.scale)
-        return flat.view(out.shape)
+        out = self._base_product(x)
+        if self.rank:
+            low = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+            # out + scale·low·Bᵀ as one addmm: no output-sized update, scaled copy or sum in between.
+            flat = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.rank),
+                               self.lora_B.to(out.dtype).t(), alpha=self.scale)
+            out = flat.view(out.shape)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """Dense fp32 W + scale·B·A (a new tensor, no grad)."""

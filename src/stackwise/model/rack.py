@@ -108,6 +108,9 @@ class Rack(nn.Module):
             raise IndexError(f"stack slice [{start}, {end}) is outside a rack of {len(self.stacks)} stacks")
         if cache is not None and (attention_mode != "causal" or (start, end) != (0, len(self.stacks))):
             raise ValueError("a KV cache serves causal attention over the whole rack")
+        if cache is not None and torch.is_grad_enabled():
+            # Its buffers are written in place at every call: autograd could not replay them.
+            raise ValueError("a KV cache is for inference: call the rack under torch.no_grad()")
         offset = 0 if cache is None else cache.length
         rope = self.rotary(x.shape[1], x.device, offset)
         for stack in list(self.stacks.values())[start:end]:

@@ -159,12 +159,13 @@ def generate_causal(
     seq = torch.empty(len(prompt_ids) + max_new_tokens, dtype=torch.long, device=device)
     seq[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     end = len(prompt_ids)
-    cache = KVCache(window) if kv_cache else None
+    cache = KVCache(min(window, seq.numel())) if kv_cache else None
     with _inference(model):
         while end < seq.numel():
             if cache is not None and end <= window:  # everything so far fits: run the new positions
                 hidden = model.rack(model.embedding(seq[cache.length : end][None]), "causal", cache=cache)
             else:
+                cache = None  # the window slides from here on: the cached keys no longer apply
                 context = seq[max(0, end - window) : end][None]
                 hidden = model.rack(model.embedding(context), "causal")
             # Only the last position's logits are needed: skip the head on all the others.

@@ -13,10 +13,9 @@ of a training step is the sum of:
   one-block probe (see `block_activation_values`);
 - the loss: the head and cross-entropy run fused in row chunks (model/head_loss.py), so only one
   chunk of fp32 logits exists at a time (plus its bf16 copies under autocast), with the gradient
-  of the scored rows (kept from forward to backward, scaled in place) and the head weight's
-  gradient when it is added to an earlier micro-batch's; otherwise that gradient becomes
-  the weight's `.grad`, counted with the gradients (clm scores every position, masked objectives
-  the masked ones);
+  of the scored rows (clm scores every position, masked objectives the masked ones; kept from
+  forward to backward, scaled in place) and the head weight's gradient when it is added to an
+  earlier micro-batch's (otherwise it becomes the weight's `.grad`, counted with the gradients);
 - the activation cache (host RAM): one fp32 row of seq_len · d_model per training window;
 - on CUDA with bf16 autocast, the bf16 copies of dense weights autocast keeps during a step.
 
@@ -38,7 +37,9 @@ from stackwise.model.lora import LoRALinear
 # NF4: 4 bits a value, an int8 scale per block of 64, and per group of (up to) 256 scales a
 # double-quantization scale (fp32): 0.5 + 1/64 + 4/(64·256) bytes a weight.
 NF4_BYTES_PER_VALUE = 0.5 + 1 / 64 + 4 / (64 * 256)
-TRANSIENT_BLOCKS = 2  # working set of the block in flight, in units of one block's saved activations
+# Working memory of a step beyond what autograd saves, in units of one block's saved activations:
+# the block in flight's temporaries and the freed memory the allocator keeps (see estimate_phase).
+TRANSIENT_BLOCKS = 2
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
