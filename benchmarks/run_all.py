@@ -9,7 +9,7 @@ headline figures of all of them into benchmarks/results/summary.json.
 benchmarks in a temporary folder so that its noisy figures never overwrite the real results; its
 JSON files, summary included, land in benchmarks/results/quick/.
 
-The default suite is sized to finish in under 15 minutes on 2 CPU cores (benchmarks/README.md).
+The default suite takes about 16 minutes on 2 quiet CPU cores (benchmarks/README.md).
 """
 
 from __future__ import annotations
