@@ -94,6 +94,16 @@ def test_nf4_linear_gradients_are_those_of_the_decoded_weight():
     torch.testing.assert_close(grad, dense.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_nf4_linear_under_autocast_matches_autocast_linear():
+    torch.manual_seed(0)
+    t = quant.to_nf4(torch.randn(688, 256) * 0.02)
+    x = torch.randn(4, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = quant.nf4_linear(x, t)
+        expected = F.linear(x, t.get_original_weight())
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, expected)
+
+
 def test_scaler_block_size_rule_and_clear_error():
     assert quant.scaler_block_size_for(2752) == 172  # 688×256 / 64 blocks; 256 does not divide it
     assert quant.scaler_block_size_for(1024) == 256

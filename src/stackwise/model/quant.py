@@ -158,7 +158,11 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, decode_nf4(weight, x.dtype))
+        # Under autocast, decode straight into the autocast dtype: autocast would cast a decoded
+        # fp32 weight anyway (same values), at the cost of a second weight-sized temporary.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return F.linear(x, decode_nf4(weight, dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
