@@ -55,7 +55,7 @@ def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", wi
             "trainable": model.num_parameters(trainable_only=True),
             "lr": describe_lr(optimizer.lr),
             "optimizer": optimizer.optimizer_type,
-            "mem_GiB": gib(memory.host_total if device == "cpu" else memory.total),
+            "mem_GiB": gib(memory.peak(device)),
             "memory": memory,
         })
     return rows
@@ -90,8 +90,7 @@ def memory_table(rows: list[dict[str, Any]], device: str) -> str:
     table = []
     for row in rows:
         memory = row["memory"].to_dict()
-        total = row["memory"].host_total if device == "cpu" else row["memory"].total
-        table.append({"phase": row["phase"], **{k: gib(memory[k]) for k in parts}, "peak": gib(total)})
+        table.append({"phase": row["phase"], **{k: gib(memory[k]) for k in parts}, "peak": gib(row["memory"].peak(device))})
     note = "cache is host RAM (counted in the CPU peak)" if device == "cpu" else "cache is host RAM (not in the GPU peak)"
     return format_table(table) + f"\n(estimated peak training memory on {device}, GiB; {note})"
 

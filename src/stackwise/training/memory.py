@@ -66,6 +66,10 @@ class MemoryEstimate:
         """Peak bytes when the device is the host (CPU runs): the cache shares the memory."""
         return self.total + self.cache
 
+    def peak(self, device: str) -> float:
+        """The figure a user compares with their device: `host_total` on CPU, `total` otherwise."""
+        return self.host_total if device == "cpu" else self.total
+
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total}
 
