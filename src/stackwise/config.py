@@ -98,7 +98,26 @@ def value_at(value: float | Ramp | LrSchedule, tau: float) -> float:
 
 class ArchitectureConfig(_Section):
     n_stacks: int = Field(default=2, ge=1)
-    blocks_per_stack: int = Field(default=2, ge=1)
+    blocks_per_stack: Union[int, list[int]] = Field(  # noqa: UP007
+        default=2, description="blocks in each stack, or one count per stack (racks grown unevenly)"
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ArchitectureConfig:
+        sizes = self.blocks_per_stack if isinstance(self.blocks_per_stack, list) else [self.blocks_per_stack]
+        problems = [("blocks_per_stack", "every stack needs at least one block", self.blocks_per_stack)] if min(sizes, default=0) < 1 else []
+        if isinstance(self.blocks_per_stack, list) and len(self.blocks_per_stack) != self.n_stacks:
+            problems.append(("blocks_per_stack", f"needs one count per stack (n_stacks={self.n_stacks})", self.blocks_per_stack))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    @property
+    def stack_sizes(self) -> list[int]:
+        """Blocks in each stack of the starting rack, in rack order."""
+        if isinstance(self.blocks_per_stack, list):
+            return list(self.blocks_per_stack)
+        return [self.blocks_per_stack] * self.n_stacks
 
 
 class MLAConfig(_Section):
@@ -123,7 +142,14 @@ class ModelConfig(_Section):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     init_std: float = Field(default=0.02, gt=0)
     tie_embeddings: bool = True
+    qkv_bias: bool = Field(default=False, description="biases on the q/k/v projections (Qwen2-style)")
     architecture: ArchitectureConfig = Field(default_factory=ArchitectureConfig)
+    init_from: str | None = Field(
+        default=None, description="start from these weights: a Hugging Face Llama-family folder, a run directory or a checkpoint folder"
+    )
+    init_from_optimizer: bool = Field(
+        default=False, description="with init_from a run or checkpoint: also bring its optimizer state (matching shapes only)"
+    )
 
     @model_validator(mode="after")
     def _fill_and_check(self) -> ModelConfig:
@@ -145,6 +171,8 @@ class ModelConfig(_Section):
             problems.append(("attention", f"'mha' needs n_kv_heads == n_heads={self.n_heads}; use 'gqa'", self.attention))
         if self.attention == "gqa" and self.n_kv_heads >= self.n_heads and self.n_heads > 1:
             problems.append(("n_kv_heads", f"'gqa' needs n_kv_heads < n_heads={self.n_heads}", self.n_kv_heads))
+        if self.attention == "mla" and self.qkv_bias:
+            problems.append(("qkv_bias", "applies to mha/gqa attention, not mla", self.qkv_bias))
         if self.attention == "mla" and not problems:
             head_dim = self.d_model // self.n_heads
             rope_dim = self.mla.rope_dim if self.mla.rope_dim is not None else max(2, head_dim // 2)
@@ -160,7 +188,7 @@ class ModelConfig(_Section):
 
     @property
     def n_blocks(self) -> int:
-        return self.architecture.n_stacks * self.architecture.blocks_per_stack
+        return sum(self.architecture.stack_sizes)
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -275,9 +303,50 @@ def _rates(value: float | Ramp) -> list[tuple[str, float]]:
 
 
 class GrowConfig(_Section):
+    """How a phase grows the rack (docs/training.md, "Growth operators").
+
+    - `where: append|prepend`: `n` new stacks next to the head or the embedding, initialised
+      `random`, `copy` (of the neighbouring stack) or `identity`;
+    - `where: interleave, every: k`: a new stack of `blocks` blocks (default 1) after every k blocks
+      of the rack (LLaMA Pro); k must fall on stack boundaries;
+    - `init: upscale, trim: m`: depth up-scaling (SOLAR): the rack followed by a copy of itself,
+      the last m blocks of the first copy and the first m of the second dropped;
+    - `init: stack, factor: k`: the whole rack repeated k times in order (G_stack).
+    """
+
     n: int = Field(default=1, ge=1)
-    where: Literal["append", "prepend"] = "append"
-    init: Literal["random", "copy", "identity"] = "random"
+    where: Literal["append", "prepend", "interleave"] = "append"
+    init: Literal["random", "copy", "identity", "upscale", "stack"] = "random"
+    every: int | None = Field(default=None, ge=1, description="interleave: a new stack after every k blocks")
+    blocks: int | None = Field(default=None, ge=1, description="blocks per new stack; default the neighbour's (1 for interleave)")
+    trim: int | None = Field(default=None, ge=0, description="upscale: blocks dropped at the seam of each copy")
+    factor: int | None = Field(default=None, ge=2, description="stack: how many times the rack is repeated")
+
+    @model_validator(mode="after")
+    def _operator_fields(self) -> GrowConfig:
+        problems = []
+        whole_rack = self.init in ("upscale", "stack")
+        if self.where == "interleave" and self.every is None:
+            problems.append(("every", "where: interleave needs every: K (a new stack after every K blocks)", _NO_VALUE))
+        if self.where != "interleave" and self.every is not None:
+            problems.append(("every", "only where: interleave takes every", self.every))
+        if self.where == "interleave" and whole_rack:
+            problems.append(("init", "where: interleave takes init random, copy or identity", self.init))
+        if self.init == "upscale" and self.trim is None:
+            problems.append(("trim", "init: upscale needs trim: M (blocks dropped at the seam of each copy)", _NO_VALUE))
+        if self.init != "upscale" and self.trim is not None:
+            problems.append(("trim", "only init: upscale takes trim", self.trim))
+        if self.init == "stack" and self.factor is None:
+            problems.append(("factor", "init: stack needs factor: K (the rack repeated K times)", _NO_VALUE))
+        if self.init != "stack" and self.factor is not None:
+            problems.append(("factor", "only init: stack takes factor", self.factor))
+        if whole_rack and self.n != 1:
+            problems.append(("n", f"init: {self.init} grows the whole rack; n does not apply", self.n))
+        if whole_rack and self.blocks is not None:
+            problems.append(("blocks", f"init: {self.init} copies existing stacks; blocks does not apply", self.blocks))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
 
 
 class LoraConfig(_Section):

@@ -78,9 +78,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.q = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        bias = cfg.qkv_bias  # Qwen2-style checkpoints carry q/k/v biases
+        self.q = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=bias)
+        self.k = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
     @staticmethod
@@ -198,6 +199,8 @@ def init_block_(block: Block, std: float, n_blocks: int) -> None:
     for module in block.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     for proj in block.output_projections():
         nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_blocks))
 
@@ -216,5 +219,5 @@ def block_param_count(cfg: ModelConfig) -> int:
         attn = q + d * kr + kr + 2 * kr * H * hd + d * rd + H * hd * d
     else:
         kv = cfg.n_kv_heads
-        attn = 2 * d * H * hd + 2 * d * kv * hd
+        attn = 2 * d * H * hd + 2 * d * kv * hd + (H * hd + 2 * kv * hd if cfg.qkv_bias else 0)
     return norms + attn + mlp

@@ -23,7 +23,7 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_blocks: int | None = None):
         super().__init__()
-        n = n_blocks if n_blocks is not None else cfg.architecture.blocks_per_stack
+        n = n_blocks if n_blocks is not None else cfg.architecture.stack_sizes[0]
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(n))
         self.role = "trainable"
         self.precision = "fp32"
@@ -67,8 +67,8 @@ class Rack(nn.Module):
     def __init__(self, cfg: ModelConfig, n_stacks: int | None = None):
         super().__init__()
         self.cfg = cfg
-        n = n_stacks if n_stacks is not None else cfg.architecture.n_stacks
-        self.stacks = nn.ModuleDict({str(i): Stack(cfg) for i in range(n)})
+        sizes = cfg.architecture.stack_sizes if n_stacks is None else [cfg.architecture.stack_sizes[0]] * n_stacks
+        self.stacks = nn.ModuleDict({str(i): Stack(cfg, n_blocks=size) for i, size in enumerate(sizes)})
         self.rotary = Rotary(attention_class(cfg).rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
 
     def __len__(self) -> int:
