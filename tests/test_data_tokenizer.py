@@ -123,18 +123,50 @@ def test_tokenizer_path_is_used_and_checked(bpe, tmp_path):
         load_tokenizer(bad)
 
 
-def test_tokenizer_without_specials_is_rejected(tmp_path):
+def _gpt2_style_file(path, specials=("<|endoftext|>",)):
+    """A byte-level BPE file as GPT-2 / Qwen2 ship it: only their own end-of-text special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator(
-        ["some text"] * 10, trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False)
-    )
-    hf.save(str(tmp_path / "nospecial.json"))
-    with pytest.raises(DataError, match=r"nospecial\.json.*\[PAD\]"):
-        load_tokenizer(tmp_path / "nospecial.json")
+    trainer = trainers.BpeTrainer(vocab_size=320, show_progress=False, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["some text with words, some more text"] * 10, trainer=trainer)
+    hf.save(str(path))
+    return hf.get_vocab_size()
+
+
+def test_pretrained_byte_level_tokenizer_gains_missing_specials(tmp_path):
+    size = _gpt2_style_file(tmp_path / "gpt2.json")
+    tok = load_tokenizer(tmp_path / "gpt2.json")
+    assert tok.hf.id_to_token(tok.eos_id) == "<|endoftext|>"
+    assert tok.added == ["[PAD]", "[MASK]"] and tok.vocab_size == size + 2
+    assert {tok.pad_id, tok.mask_id} == {size, size + 1}
+    text = "naïve text, 𝔘nicode — and [MASK] as plain text"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.mask_id not in ids
+    assert int(tok.token_byte_lengths[ids].sum()) == len(text.encode("utf-8"))  # exact bits per byte
+    # The run directory keeps the grown file: reloading it adds nothing and gives the same ids.
+    again = load_tokenizer(tok.save(tmp_path / "run"))
+    assert again.added == [] and again.special_ids == tok.special_ids and again.encode(text) == ids
+
+
+def test_tokenizer_config_names_the_eos(tmp_path):
+    _gpt2_style_file(tmp_path / "tokenizer.json", specials=("<|endoftext|>", "<|im_end|>"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    assert load_tokenizer(tmp_path).hf.id_to_token(load_tokenizer(tmp_path).eos_id) == "<|im_end|>"
+
+
+def test_non_byte_level_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    hf = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.decoder = decoders.WordPiece()
+    hf.save(str(tmp_path / "words.json"))
+    with pytest.raises(DataError, match=r"words\.json.*byte-level"):
+        load_tokenizer(tmp_path / "words.json")
 
 
 def test_check_vocab():

@@ -340,6 +340,8 @@ class GrowConfig(_Section):
             problems.append(("factor", "init: stack needs factor: K (the rack repeated K times)", _NO_VALUE))
         if self.init != "stack" and self.factor is not None:
             problems.append(("factor", "only init: stack takes factor", self.factor))
+        if whole_rack and self.where != "append":
+            problems.append(("where", f"init: {self.init} grows the whole rack; where does not apply", self.where))
         if whole_rack and self.n != 1:
             problems.append(("n", f"init: {self.init} grows the whole rack; n does not apply", self.n))
         if whole_rack and self.blocks is not None:
@@ -466,6 +468,19 @@ class PhaseConfig(_Section):
 # run
 
 
+class WandbConfig(_Section):
+    """Settings of the Weights & Biases logger (`run.loggers: [wandb]`; docs/events.md)."""
+
+    project: str = Field(default="stackwise", min_length=1)
+    entity: str | None = Field(default=None, description="W&B team or user; default: your default entity")
+    name: str | None = Field(default=None, description="run name in W&B; default: the run directory's name")
+    mode: Literal["offline", "online", "disabled"] | None = Field(
+        default=None, description="default: the WANDB_MODE environment variable, else offline"
+    )
+    tags: list[str] = Field(default_factory=list)
+    dir: str | None = Field(default=None, description="where wandb writes its files; default: the run directory")
+
+
 class RunConfig(_Section):
     name: str = Field(default="run", min_length=1)
     dir: str = Field(default="runs", description="parent folder of run directories")
@@ -487,6 +502,10 @@ class RunConfig(_Section):
     distributed: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="data parallelism when torchrun starts several ranks: ddp replicates, fsdp shards"
     )
+    loggers: list[Literal["wandb"]] = Field(
+        default_factory=list, description="external loggers besides metrics.jsonl (and TensorBoard when installed)"
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @field_validator("name")
     @classmethod

@@ -1,4 +1,4 @@
-"""The `stackwise` command: train, plan, plot, eval, generate, consolidate.
+"""The `stackwise` command: train, plan, plot, eval, generate, consolidate, export.
 
 Every user error (bad config, data, checkpoint or arguments) prints one message and exits 2.
 """
@@ -48,8 +48,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"{run_dir}: not a run directory (no config.yaml); nothing to resume")
         config = _load_config(path or str(run_dir / "config.yaml"), overrides)
-        machine = TrainingMachine(config, total_steps=args.steps, resume=run_dir)
+        machine = TrainingMachine(config, total_steps=args.steps, resume=run_dir, extend=args.extend)
     else:
+        if args.extend:
+            raise UsageError("--extend appends phases to an existing run: use it with --resume RUN_DIR")
         config = _load_config(path, overrides)
         if path is None:
             print(f"stackwise: no config given, running the built-in demo ({builtin_demo_path()})", file=sys.stderr)
@@ -76,8 +78,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from stackwise.cli.plan import format_table, memory_table, plan_rows
+    from stackwise.training.init_from import resolve_init_from
 
-    config = _load_config(args.config, args.overrides)
+    config = resolve_init_from(_load_config(args.config, args.overrides))
     steps = args.steps or config.training.total_steps
     if steps is None:
         raise UsageError("the run length is unknown: set training.total_steps in the config or pass --steps N")
@@ -175,6 +178,22 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from stackwise.interop.hf_export import ExportError, export_hf
+
+    def warn(message: str) -> None:
+        print(f"stackwise export: warning: {message}", file=sys.stderr)
+
+    try:
+        path = export_hf(args.run_dir, args.hf, checkpoint=args.checkpoint, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, allow_bidirectional=args.allow_bidirectional, warn=warn)
+    except ExportError as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {path} (Hugging Face Llama, {args.dtype}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackwise", description="Train transformers along an explicit timeline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a config (no config: the built-in demo)")
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest good checkpoint")
-    train.add_argument("--steps", type=int, help="total steps (default: training.total_steps)")
+    train.add_argument("--steps", type=int,
+                       help="total steps (default: training.total_steps); with --resume, more than the run's extends it")
+    train.add_argument("--extend", metavar="EXT.yaml",
+                       help="with --resume: append the phases of this file's `schedule` after the run's end")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="print the timeline of a config without training")
@@ -222,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     cons.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="a new run directory to write")
     cons.add_argument("--checkpoint", metavar="STEP_DIR", help="this checkpoint folder (default: the newest good one)")
     cons.set_defaults(func=cmd_consolidate)
+    exp = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face Llama folder")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (new or empty)")
+    exp.add_argument("--checkpoint", metavar="STEP_DIR", help="this checkpoint folder (default: the newest good one)")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights' dtype (default: fp32)")
+    exp.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                     help="cut the weights into files of at most this size, e.g. 5GB, 200MB (default: 5GB)")
+    exp.add_argument("--allow-bidirectional", action="store_true",
+                     help="export a model trained only with mlm/diffusion (a Llama runs it causally)")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

@@ -28,9 +28,11 @@ def planned_vocab(config: StackWiseConfig) -> int:
 
 
 def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", windows: Any = None) -> list[dict[str, Any]]:
-    """One row per phase: steps, tokens, objective, shapes, parameters, trainable, lr shape, and
-    the estimated peak memory of its steps on `device`. `windows(seq_len)` gives the number of
-    training windows (for the activation cache), when the corpus is known."""
+    """One row per phase: steps, tokens, objective, shapes, stacks and blocks, parameters,
+    trainable, lr shape, and the estimated peak memory of its steps on `device`. The structure
+    comes from the run's own growth operators (`apply_model_phase`) replayed on a shapes-only
+    model. `windows(seq_len)` gives the number of training windows (for the activation cache),
+    when the corpus is known."""
     config = with_growth_schedule(config)
     schedule = PhaseSchedule.from_config(config, total_steps)
     with torch.device("meta"):  # shapes only: a 70B-shaped plan allocates nothing
@@ -51,6 +53,7 @@ def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", wi
             "objective": data["objective"],
             "batch": f"{data['batch_size']}x{data['seq_len']}",
             "stacks": len(model.rack),
+            "blocks": sum(len(stack) for stack in model.rack),  # depth: growth operators change it unevenly
             "params": model.num_parameters(),
             "trainable": model.num_parameters(trainable_only=True),
             "lr": describe_lr(optimizer.lr),

@@ -145,34 +145,49 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE from HF `tokenizers`: every text encodes, and decoding gives it back exactly."""
+    """Byte-level BPE from HF `tokenizers`: every text encodes, and decoding gives it back exactly.
+
+    Any byte-level `tokenizer.json` works, ours or a pretrained model's (GPT-2, Qwen2, Llama 3).
+    Its end-of-text token serves as [EOS] (`<|endoftext|>`, `</s>`, ..., or the `eos_token` of a
+    `tokenizer_config.json` beside it); [PAD] and [MASK] are added as new ids when it lacks them,
+    and `added` says which tokens were added (the vocabulary grows by as many).
+    """
 
     kind = "bpe"
 
-    def __init__(self, hf: Any, source: str = "<memory>"):
+    def __init__(self, hf: Any, source: str = "<memory>", eos_token: str | None = None):
         self.hf = hf
         # Text that happens to contain "[MASK]" must stay text: otherwise a document could inject a
         # special id, and decoding (which drops specials) would no longer give the text back.
         self.hf.encode_special_tokens = True
         self.source = source
-        ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
-        if None in ids:
-            missing = [t for t, i in zip(SPECIAL_TOKENS, ids, strict=True) if i is None]
-            raise DataError(
-                f"{source}: the tokenizer lacks the special token(s) {', '.join(missing)}; "
-                f"add {', '.join(SPECIAL_TOKENS)} as special tokens or let stackwise train one (data.tokenizer.kind: bpe)",
-                source,
-            )
-        self.pad_id, self.mask_id, self.eos_id = ids
         self._check_byte_level()
+        self.added: list[str] = []
+        eos = self._find(eos_token, _EOS_NAMES, "[EOS]")
+        pad = self._find(None, _PAD_NAMES, "[PAD]")
+        mask = self._find(None, _MASK_NAMES, "[MASK]")
+        self.pad_id, self.mask_id, self.eos_id = (hf.token_to_id(t) for t in (pad, mask, eos))
+        if self.added:
+            log.info("%s: added special token(s) %s as new ids", source, ", ".join(self.added))
+
+    def _find(self, preferred: str | None, names: tuple[str, ...], ours: str) -> str:
+        """The tokenizer's own token for a role, or `ours` added as a new special id."""
+        for name in ((preferred,) if preferred else ()) + names:
+            if self.hf.token_to_id(name) is not None:
+                return name
+        self.hf.add_special_tokens([ours])
+        self.added.append(ours)
+        return ours
 
     def _check_byte_level(self) -> None:
-        decoder = json.loads(self.hf.to_str()).get("decoder") or {}
-        if decoder.get("type") != "ByteLevel":
+        body = json.loads(self.hf.to_str())
+        decoder = body.get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or [] if isinstance(d, dict)}
+        if "ByteLevel" not in kinds:
             raise DataError(
                 f"{self.source}: only byte-level BPE tokenizers are supported (decoder is "
                 f"{decoder.get('type')!r}, not 'ByteLevel'): bits per byte needs each token's exact bytes; "
-                "use a byte-level tokenizer.json or let stackwise train one",
+                "use a byte-level tokenizer.json (GPT-2, Qwen2, Llama 3 style) or let stackwise train one",
                 self.source,
             )
 
@@ -208,7 +223,7 @@ class BPETokenizer(Tokenizer):
                 f"{path}: not a valid tokenizer.json ({err}); point data.tokenizer.path at a tokenizers file",
                 path,
             ) from None
-        return cls(hf, source=str(path))
+        return cls(hf, source=str(path), eos_token=_configured_eos(Path(path)))
 
     @property
     def vocab_size(self) -> int:
@@ -245,6 +260,24 @@ class BPETokenizer(Tokenizer):
                     self.source,
                 )
         return lengths
+
+
+# A pretrained tokenizer's own tokens for the three roles, in order of preference.
+_EOS_NAMES = ("[EOS]", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
+_MASK_NAMES = ("[MASK]", "<mask>", "<|mask|>")
+
+
+def _configured_eos(path: Path) -> str | None:
+    """The `eos_token` of a `tokenizer_config.json` next to the tokenizer file, if any."""
+    try:
+        config = json.loads((path.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    if isinstance(eos, dict):  # the AddedToken form
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
 
 def _byte_level_alphabet() -> frozenset[str]:

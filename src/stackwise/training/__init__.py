@@ -2,24 +2,32 @@
 
 from typing import Any
 
+from stackwise.training.callbacks import Callback, RunView
 from stackwise.training.loader import ProgressiveDataLoader
 from stackwise.training.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
 
 __all__ = [
+    "Callback",
     "Phase",
     "PhaseSchedule",
     "ProgressiveDataLoader",
     "ProgressiveRackBuilder",
     "ProgressiveTrainer",
+    "RunView",
     "TimeController",
     "TrainResult",
     "TrainingMachine",
+    "WandbLogger",
 ]
 
 # The machine drives the framework's adapters, which are built from this package's parts
 # (loader, optimizer, schedule): importing it lazily keeps `stackwise.framework` importable first.
-_LAZY = {"TrainingMachine": "stackwise.training.machine", "TrainResult": "stackwise.training.machine"}
+_LAZY = {
+    "TrainingMachine": "stackwise.training.machine",
+    "TrainResult": "stackwise.training.machine",
+    "WandbLogger": "stackwise.training.wandb_logger",  # imports wandb only when one is made
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -32,6 +32,7 @@ class MetricsLogger:
         self.console = console
         self._file = None
         self._tb = None
+        self._tb_missing = False  # tensorboard is not installed: said once in the loggers line
         self._bar = None
         self.lines = 0  # records in metrics.jsonl; a checkpoint stores it so resume can truncate
         if self.run_dir is not None:
@@ -39,6 +40,7 @@ class MetricsLogger:
             self.lines = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
             self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._tb = _tensorboard_writer(self.run_dir / "tb")
+            self._tb_missing = self._tb is None
         if console and _is_terminal(self.stream):
             from tqdm import tqdm
 
@@ -81,6 +83,20 @@ class MetricsLogger:
                 f"step {fields['step']:>6}/{self.total_steps}  t={fields['t']:.3f}  {fields.get('phase', '')}  "
                 f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  {fields.get('tokens_per_s', 0):,.0f} tok/s"
             )
+
+    def describe(self, extra: list[str] | None = None) -> str:
+        """The one line that says where metrics go, e.g. `loggers: metrics.jsonl (runs/x/metrics.jsonl),
+        wandb offline (runs/x/wandb); tensorboard: not installed (pip install tensorboard)`."""
+        active = []
+        if self.run_dir is not None:
+            active.append(f"metrics.jsonl ({self.run_dir / 'metrics.jsonl'})")
+        if self._tb is not None:
+            active.append(f"tensorboard ({self.run_dir / 'tb'})")
+        active += extra or []
+        line = "loggers: " + (", ".join(active) if active else "console only (no run directory)")
+        if self._tb_missing:
+            line += "; tensorboard: not installed (pip install tensorboard)"
+        return line
 
     def say(self, message: str) -> None:
         if not self.console:

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from stackwise.model.lora import flat_state, flatten_state, load_flat_state, loa
 from stackwise.specs import validate_training_state
 from stackwise.training import distributed
 from stackwise.training.cache import TrunkCache, cache_off_reason
+from stackwise.training.callbacks import Callback, Events, RunView, build_callbacks, frozen
 from stackwise.training.checkpoint import (
     DCP_DIR,
     Checkpoint,
@@ -46,7 +47,9 @@ from stackwise.training.checkpoint import (
     load_dcp,
     save_dcp,
 )
+from stackwise.training.extend import extended_config
 from stackwise.training.forward import LossForward
+from stackwise.training.init_from import initial_optimizer_state, load_initial_weights, resolve_init_from
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
 from stackwise.training.metrics import bits_per_byte
@@ -111,6 +114,8 @@ class TrainingMachine:
     `run.dir/run.name` (suffixed -2, -3, ... rather than overwrite). `run_dir=False` keeps
     everything in memory (no files). `resume=RUN_DIR` continues that run from its newest good
     checkpoint. `model` / `data` accept ready-made objects instead of building them.
+    `callbacks`: `Callback` objects told of the run's events (docs/events.md), besides the loggers
+    named in `run.loggers`.
     """
 
     def __init__(
@@ -123,10 +128,25 @@ class TrainingMachine:
         model: StackWiseModel | None = None,
         data: Any = None,
         console: bool = True,
+        callbacks: Sequence[Callback] = (),
+        extend: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
+        restoring: bool = False,
     ):
-        self.config = with_growth_schedule(StackWiseConfig.load(config))
+        # A new run resolves `model.init_from` (shapes, tokenizer) and later loads its weights; a
+        # resumed run (or one `restoring` a checkpoint, as for_evaluation does) has both already.
+        fresh = resume is None and not restoring
+        config = StackWiseConfig.load(config)
+        self.config = with_growth_schedule(resolve_init_from(config) if fresh else config)
+        self._extended_from: int | None = None
         if resume is not None:
             self.config = _with_run_tokenizer(self.config, Path(resume))
+            recorded = self.config.training.total_steps
+            if extend is not None or (recorded is not None and total_steps not in (None, recorded)):
+                # `--resume RUN --steps N`: the run continues past its end (training/extend.py).
+                self._extended_from = self.config.resolved_total_steps()
+                self.config, total_steps = extended_config(self.config, total_steps, extend), None
+        elif extend is not None:
+            raise TrainingError("extend= continues an existing run: pass resume=RUN_DIR too")
         self.total_steps = self.config.resolved_total_steps(total_steps)
         if self.config.training.total_steps != self.total_steps:
             # The resolved config on disk says how long the run is, so it alone can rerun it.
@@ -136,6 +156,9 @@ class TrainingMachine:
         self.dist = distributed.setup(self.config.run.distributed, self.config.run.device)
         self._check_distributed(model)
         self.device = _pick_device(self.config.run.device, self.dist)
+        # Before any folder is made; a machine restoring a checkpoint for evaluation opens no loggers.
+        self.events = Events(build_callbacks(self.config, callbacks, self.dist.is_main, config_loggers=not restoring),
+                             self._view, lambda: self.log)
         self.autocast_dtype = _autocast_dtype(self.config.run.precision, self.device)
         if self.config.run.threads:
             torch.set_num_threads(self.config.run.threads)
@@ -148,6 +171,10 @@ class TrainingMachine:
                                    run_dir=self.run_dir if self.dist.is_main else None)
         self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size)
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
+        self._initial_optimizer_state: dict[str, Any] = {}
+        if fresh and model is None and self.config.model.init_from:
+            source = load_initial_weights(self.config, self.model)
+            self._initial_optimizer_state = initial_optimizer_state(self.config, source, self.model)
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
         spill = self.run_dir / "cache" if self.run_dir else None
@@ -171,6 +198,7 @@ class TrainingMachine:
         self._bad_group_norms = torch.zeros(0, device=self.device)  # sized per phase
         self._first_trainable = 0  # the lowest stack that trains (set per phase)
         self._grad_norm = torch.zeros(())
+        self._config_view: Mapping[str, Any] | None = None
         self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
         self.log = self._logger(console)
         if resume is not None:
@@ -181,6 +209,17 @@ class TrainingMachine:
         if self.dist.is_main:
             return MetricsLogger(self.run_dir, self.total_steps, console=console)
         return MetricsLogger(None, self.total_steps, console=False)
+
+    # ---- callbacks (docs/events.md) ---------------------------------------------------------
+
+    def _view(self) -> RunView:
+        if self._config_view is None:
+            self._config_view = frozen(self.config.to_dict())
+        index = self.phase_index if self.phase_index >= 0 else \
+            self.schedule.index_at_step(min(self.step, self.total_steps - 1), self.total_steps)
+        return RunView(step=self.step, t=self.t, total_steps=self.total_steps, phase=self.schedule.phases[index].name,
+                       phase_index=index, run_dir=self.run_dir, config=self._config_view,
+                       tokens_seen=self.tokens_seen, last_eval=frozen(self.last_eval))
 
     def _check_distributed(self, model: StackWiseModel | None) -> None:
         if not self.dist.active:
@@ -231,16 +270,20 @@ class TrainingMachine:
         index = self.schedule.index_at_step(self.step, self.total_steps)
         if index == self.phase_index:
             return
+        transition = None
         if self.phase_index >= 0:
             # The checkpoint holds the end of the old phase; a run resumed from it redoes this
             # transition, so it is saved before the transition is recorded.
             if self.config.run.checkpoint_at_transitions and self._saved_step != self.step:
                 self.save_checkpoint()
             old, new = self.schedule.phases[self.phase_index].name, self.schedule.phases[index].name
-            self.transitions.append(Transition(self.step, self.t, old, new))
+            transition = Transition(self.step, self.t, old, new)
+            self.transitions.append(transition)
             self.log.record("transition", step=self.step, t=self.t, **{"from": old, "to": new})
             self.log.say(f"phase {old} → {new} at step {self.step} (t={self.t:.3f})")
         self._enter_phase(index)
+        if transition is not None:
+            self.events.emit("on_phase_transition", replace(transition))
 
     def _enter_phase(self, index: int) -> None:
         self._check_finite()  # a fault of the old phase is reported before its structure changes
@@ -253,6 +296,9 @@ class TrainingMachine:
         self.data.enter_phase(phase, index, start_step)
         self._wrap()
         self.optim.enter_phase(self.model, phase)
+        if self._initial_optimizer_state:  # model.init_from_optimizer: the source's moments, once
+            load_state_by_name(self.optim.optimizer, self._initial_optimizer_state, place=distributed.shard_like)
+            self._initial_optimizer_state = {}
         self._structure_settled()
         self.phase_index = index
         try:
@@ -312,6 +358,8 @@ class TrainingMachine:
         """Run exactly one step; returns its step index, t, phase, loss (a tensor) and lr."""
         if self.time.done:
             raise TrainingError(f"the run is over: all {self.total_steps} steps have run")
+        self.events.begin()
+        self.events.raise_pending()  # on_run_start failed: no step runs
         started = time.perf_counter()
         self._sync_phase()
         step, t, phase = self.step, self.t, self.phase
@@ -325,6 +373,12 @@ class TrainingMachine:
         self.time.advance()
         self._wall += time.perf_counter() - started
         self._after_step(step, t, phase, lr)
+        if self.events.callbacks:
+            # The loss is on the host only if this step's window was flushed (log or checkpoint).
+            value = self.losses[-1] if not self._pending_losses and self.losses else None
+            self.events.emit("on_step_end", {"step": step, "t": t, "phase": phase.name, "lr": lr,
+                                       "tokens": self.tokens_seen, "loss": value})
+        self.events.raise_pending()
         return {"step": step, "t": t, "phase": phase.name, "loss": loss, "lr": lr}
 
     def _update(self, batch: Batch) -> torch.Tensor:
@@ -431,12 +485,14 @@ class TrainingMachine:
         self._check_finite()
         loss = values[-1]
         elapsed = time.perf_counter() - self._window_start
-        self.log.step(
+        record = dict(
             step=step, t=t, phase=phase.name, loss=loss, loss_mean=sum(values) / len(values), lr=lr,
             tokens=self.tokens_seen, tokens_per_s=self._window_tokens / max(elapsed, 1e-9),
             grad_norm=float(self._grad_norm), trainable_params=self.model.num_parameters(trainable_only=True),
             peak_mem_mb=_peak_memory_mb(self.device),
         )
+        self.log.step(**record)
+        self.events.emit("on_log", record)
         self._window_start, self._window_tokens = time.perf_counter(), 0
 
     @torch.no_grad()
@@ -464,6 +520,7 @@ class TrainingMachine:
         self.last_eval = result
         self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, **result)
         self.log.say(f"eval at step {self.step}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte")
+        self.events.emit("on_eval", dict(result))
         return result
 
     def train(self) -> TrainResult:
@@ -474,6 +531,8 @@ class TrainingMachine:
         """
         self.stopped = None
         try:
+            self.events.begin()
+            self.events.raise_pending()
             with _StopSignals() as stop:
                 # Under torchrun a signal may reach the ranks at different steps: all stop together.
                 while not self.time.done and not distributed.any_true(stop.signal is not None, self.device):
@@ -484,15 +543,23 @@ class TrainingMachine:
                 where = f"; resume with: stackwise train --resume {self.run_dir}" if self.run_dir else ""
                 self.log.record("stop", step=self.step, t=self.t, signal=self.stopped)
                 self.log.say(f"stopped by {self.stopped} after {self.step} steps{where}")
+                self.events.emit("on_stop", self.stopped)
             else:
                 if self.losses and not self.last_eval:
                     self.evaluate()
                 if self._saved_step != self.step:
                     self.save_checkpoint()
+            self.events.raise_pending()
+        except BaseException as err:
+            self.events.exception(err)
+            raise
         finally:
             self.cache.close()
             self.log.close()
-        return self.result()
+        result = self.result()
+        self.events.emit("on_run_end", result)
+        self.events.raise_pending()
+        return result
 
     def result(self) -> TrainResult:
         return TrainResult(
@@ -528,7 +595,7 @@ class TrainingMachine:
             if ckpt is None:
                 detail = f" ({'; '.join(bad)})" if bad else ""
                 raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
-        machine = cls(config, run_dir=False, console=False)
+        machine = cls(config, run_dir=False, console=False, restoring=True)
         machine._restore(ckpt)
         given = {k: v for k, v in data_settings.items() if v is not None}
         if given:
@@ -578,6 +645,7 @@ class TrainingMachine:
                                 "Free disk space (or fix the folder's permissions) and resume.") from None
         self._saved_step = self.step
         self.log.record("checkpoint", step=self.step, t=self.t, path=str(path))
+        self.events.emit("on_checkpoint", Path(path))
         return path
 
     def _save_sharded(self, state: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -617,6 +685,13 @@ class TrainingMachine:
             MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"] if ckpt else 0)
             self.log.close()
             self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
+            if self._extended_from is not None:  # the config the earlier steps ran under stays on record
+                kept = self.run_dir / f"config-{self.step:06d}.yaml"
+                shutil.copy2(self.run_dir / "config.yaml", kept)
+                self.log.record("extend", step=self.step, t=self.t, from_steps=self._extended_from,
+                                to_steps=self.total_steps, previous_config=kept.name)
+                self.log.say(f"extending the run from {self._extended_from} to {self.total_steps} steps "
+                             f"(the earlier config is kept as {kept.name})")
             self.config.to_yaml(self.run_dir / "config.yaml")
         if self.phase_index >= 0:  # the restored phase goes on with its cache (and compiled stacks)
             self._start_phase_services(self.phase, self.phase_index)
@@ -647,8 +722,10 @@ class TrainingMachine:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         state = ckpt.state
-        if ckpt.meta.get("total_steps") != self.total_steps:
-            raise CheckpointError(f"{ckpt.path}: made for total_steps={ckpt.meta.get('total_steps')}, this run has {self.total_steps}")
+        made_for = ckpt.meta.get("total_steps")
+        if made_for != self.total_steps and made_for != self._extended_from:
+            raise CheckpointError(f"{ckpt.path}: made for total_steps={made_for}, this run has {self.total_steps}; "
+                                  f"to continue a run past its end use --steps N (docs/interop.md)")
         # Structure first: replay the model plane of every phase entered so far, then the weights.
         index = state["phase_index"]
         for i in range(index + 1):
@@ -660,7 +737,8 @@ class TrainingMachine:
             _load_weights(self.model, ckpt)  # whole weights go in before FSDP shards the model
         else:
             self._load_sharded_nf4(ckpt)  # so do NF4 weights, stored whole
-        self.time.load_state_dict(state["time"])
+        # An extended run keeps its step; its phases were rewritten in steps (training/extend.py).
+        self.time.load_state_dict({**state["time"], "total_steps": self.total_steps})
         if index >= 0:
             start_step = self.schedule.step_ranges(self.total_steps)[index][0]
             self.data.enter_phase(self.schedule.phases[index], index, start_step)
@@ -796,8 +874,10 @@ def compile_stacks(model: StackWiseModel) -> None:
 
 def _with_run_tokenizer(config: StackWiseConfig, run_dir: Path) -> StackWiseConfig:
     """A resumed or evaluated run uses the tokenizer it was trained with, saved in its folder."""
-    saved = run_dir / "tokenizer.json"
-    if config.data.tokenizer.kind == "bpe" and config.data.tokenizer.path is None and saved.is_file():
+    saved, settings = run_dir / "tokenizer.json", config.data.tokenizer
+    if saved.is_file() and (settings.kind == "bpe" or settings.path is not None) and settings.path != str(saved):
+        # Also when the config names a file elsewhere (an imported model's folder): the run's
+        # copy holds any specials added to it, and the original may be gone.
         return config.with_overrides([f"data.tokenizer.path={str(saved)!r}"])
     return config
 

@@ -3,12 +3,22 @@
 `apply_model_phase` is what `ModelAdapter.enter_phase` runs at each phase start (DESIGN.md
 section 5, step 2):
 
-1. grow: `n` new stacks, appended (next to the head) or prepended (next to the embedding),
-   initialised `random`, as a `copy` of the neighbouring stack, or as an `identity` (random with
-   the residual-writing projections zeroed, so the model's function is unchanged);
+1. grow (docs/training.md, "Growth operators"):
+   - `where: append|prepend`: `n` new stacks next to the head or the embedding, initialised
+     `random`, as a `copy` of the neighbouring stack, or as an `identity` (random with the
+     residual-writing projections zeroed, so the model's function is unchanged);
+   - `where: interleave, every: k`: a new stack after every k blocks (LLaMA Pro);
+   - `init: upscale, trim: m`: depth up-scaling, the rack followed by a copy of itself with m
+     blocks dropped at the seam of each (SOLAR);
+   - `init: stack, factor: k`: the whole rack repeated k times (G_stack);
 2. roles: the stacks chosen by `trainable` train; the others (the trunk) are `frozen`, adapted
    (`qlora`: LoRA adapters over a frozen base stored in `trunk_precision`, NF4 by default) or
    `trainable`; the embedding and head follow `embedding` / `head`.
+
+Every operator is a deterministic function of the rack's structure: a resumed run replays the
+model plane of the phases so far on a fresh model and gets the same stack ids and block counts,
+then loads the weights by name. Existing stacks keep their ids (parameter names), new stacks get
+ids above every id the rack has had.
 
 `ProgressiveRackBuilder` owns a model and offers the same operations by hand;
 `ProgressiveTrainer.train_rack` turns "grow to K stacks" into a curriculum of one phase per stack
@@ -18,14 +28,15 @@ and runs it on the one engine, the TrainingMachine.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from stackwise.config import ConfigError, LoraConfig, PhaseModelConfig, StackWiseConfig
-from stackwise.model import Stack, StackWiseModel
+from stackwise.config import ConfigError, GrowConfig, LoraConfig, PhaseModelConfig, StackWiseConfig
+from stackwise.model import Block, Rack, Stack, StackWiseModel
 from stackwise.model.lora import add_adapters, attach_lora, lora_layers, merge_lora, merge_lora_
 from stackwise.specs import RackSpec
 
@@ -33,42 +44,171 @@ from stackwise.specs import RackSpec
 
 
 def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_index: int, config: StackWiseConfig) -> None:
-    new_positions = add_stacks(model, plane.grow.n, plane.grow.where, plane.grow.init) if plane.grow else []
+    field = f"schedule.{phase_index}.model_config.grow"
+    new_positions = grow_rack(model, plane.grow, field) if plane.grow else []
     chosen = trainable_positions(len(model.rack), plane.trainable, new_positions, phase_index)
     set_roles(model, chosen, plane)
 
 
-def add_stacks(model: StackWiseModel, n: int, where: str = "append", init: str = "random") -> list[int]:
-    """Add `n` stacks; returns their rack positions after growth."""
+def grow_rack(model: StackWiseModel, grow: GrowConfig, field: str = "grow") -> list[int]:
+    """Apply one `grow` setting; returns the rack positions of the new stacks (after growth).
+    `field` names the setting in errors (`schedule.I.model_config.grow` for a phase's)."""
+    if grow.init in ("upscale", "stack"):  # the operator places its copies itself (GrowConfig checks `where`)
+        return upscale_rack(model, grow.trim, field) if grow.init == "upscale" else stack_rack(model, grow.factor)
+    if grow.where == "interleave":
+        return interleave_stacks(model, grow.every, grow.blocks or 1, grow.init, field)
+    return add_stacks(model, grow.n, grow.where, grow.init, grow.blocks, field)
+
+
+def add_stacks(model: StackWiseModel, n: int, where: str = "append", init: str = "random",
+               blocks: int | None = None, field: str = "grow") -> list[int]:
+    """Add `n` stacks of `blocks` blocks (default: the neighbour's) next to the head (`append`)
+    or the embedding (`prepend`); returns their rack positions after growth."""
     rack = model.rack
     positions: list[int] = []
     for _ in range(n):
         neighbour = rack[-1] if where == "append" else rack[0]
-        stack = _new_stack(model, neighbour, init)
+        if init == "copy" and blocks not in (None, len(neighbour)):
+            raise ConfigError([(f"{field}.blocks", f"init: copy duplicates the neighbouring stack of {len(neighbour)} "
+                                "blocks; leave blocks out or set it to that", blocks)])
+        stack = _new_stack(model, neighbour, init, blocks or len(neighbour))
         position = len(rack) if where == "append" else 0
         rack.insert(position, stack)
         positions = [p + (1 if where == "prepend" else 0) for p in positions] + [position]
     return sorted(positions)
 
 
-def _new_stack(model: StackWiseModel, neighbour: Stack, init: str) -> Stack:
-    device = model.embedding.tokens.weight.device
-    if init == "copy" and not lora_layers(neighbour):
+def interleave_stacks(model: StackWiseModel, every: int, blocks: int = 1, init: str = "identity",
+                      field: str = "grow") -> list[int]:
+    """LLaMA Pro: a new stack of `blocks` blocks after every `every` blocks of the rack (block
+    positions counted from the embedding; the last group may be shorter and gets none). `identity`
+    copies the `blocks` blocks just before each insertion point with their output projections
+    zeroed, so the logits do not change; `copy` copies them as they are; `random` is fresh.
+    Returns the new stacks' positions."""
+    rack = model.rack
+    sizes = [len(stack) for stack in rack]
+    ends = list(itertools.accumulate(sizes))  # blocks below each stack boundary
+    points = list(range(every, ends[-1] + 1, every))
+    if not points:
+        raise ConfigError([(f"{field}.every", f"exceeds the rack's {ends[-1]} blocks: no stack would be inserted", every)])
+    inside = [p for p in points if p not in ends]
+    if inside:
+        raise ConfigError([(f"{field}.every", (
+            f"a new stack goes after every {every} blocks, but the points after blocks {inside} fall inside a stack "
+            f"(the rack's stacks hold {sizes} blocks); choose every so that each multiple ends a stack, e.g. make "
+            "blocks_per_stack divide every"), every)])
+    if init != "random" and blocks > every:
+        raise ConfigError([(f"{field}.blocks", f"init: {init} copies the blocks just before each insertion point, "
+                            f"and a group holds only every={every}", blocks)])
+    flat = [block for stack in rack for block in stack.blocks]
+    # Every new stack is made from the rack as it was: the copies never copy each other.
+    new = [_interleaved_stack(model, flat[p - blocks:p], init, blocks) for p in points]
+    positions = []
+    for j, (point, stack) in enumerate(zip(points, new, strict=True)):
+        position = ends.index(point) + 1 + j  # after the stack ending at `point`, past the j stacks inserted below
+        rack.insert(position, stack)
+        positions.append(position)
+    return positions
+
+
+def upscale_rack(model: StackWiseModel, trim: int, field: str = "grow") -> list[int]:
+    """SOLAR depth up-scaling: a rack of L blocks becomes blocks [0, L-trim) of itself followed by
+    blocks [trim, L) of a copy, 2·(L-trim) blocks. The original stacks stay (the last ones lose
+    their trailing blocks, or go when none is left); the copy is new stacks (dense fp32) that lose
+    their leading blocks. Returns the copy's positions."""
+    rack = model.rack
+    total = sum(len(stack) for stack in rack)
+    if trim >= total:
+        raise ConfigError([(f"{field}.trim", f"must be below the rack's {total} blocks (each copy keeps L - trim of them)", trim)])
+    originals = list(rack)
+    second = _keep_blocks([_copied_stack(model, list(stack.blocks)) for stack in originals], trim, total)
+    # The copies go in before any original is removed: new ids are above every id the rack had,
+    # so a removed stack's parameter names (and optimizer state) never pass to a new stack.
+    positions = _append(rack, second)
+    _keep_blocks(originals, 0, total - trim)
+    emptied = [stack_id for stack_id, stack in rack.stacks.items() if not len(stack)]
+    for stack_id in emptied:
+        del rack.stacks[stack_id]
+    return [p - len(emptied) for p in positions]
+
+
+def stack_rack(model: StackWiseModel, factor: int) -> list[int]:
+    """G_stack: the whole rack repeated `factor` times in order, [s0, s1] → [s0, s1, s0', s1'];
+    the copies are new stacks (dense fp32). Returns their positions."""
+    originals = list(model.rack)
+    return _append(model.rack, [_copied_stack(model, list(stack.blocks)) for _ in range(factor - 1) for stack in originals])
+
+
+def _new_stack(model: StackWiseModel, neighbour: Stack, init: str, n_blocks: int) -> Stack:
+    """A stack next to `neighbour` (append/prepend growth)."""
+    if init == "copy":
         # The stacking operator of the growth literature: the new stack starts as its neighbour.
-        stack = copy.deepcopy(neighbour)
-        stack._compiled_call_impl = None  # a compiled forward would still call the neighbour
-    elif init == "copy":
-        stack = merge_lora(neighbour)  # a dense fp32 copy of an adapted or NF4 neighbour
-    else:
-        stack = Stack(model.cfg, n_blocks=len(neighbour)).to(device)
-        if init == "identity":
-            with torch.no_grad():
-                for block in stack.blocks:
-                    for proj in block.output_projections():
-                        proj.weight.zero_()
-    stack.unfreeze()
-    stack.precision = "fp32"
+        return _copied_stack(model, list(neighbour.blocks))
+    stack = _fresh_stack(model, n_blocks)
+    return _zero_outputs(stack) if init == "identity" else stack
+
+
+def _interleaved_stack(model: StackWiseModel, before: list[Block], init: str, n_blocks: int) -> Stack:
+    """A stack inserted after the blocks `before` (interleaved growth)."""
+    if init == "random":
+        return _fresh_stack(model, n_blocks)
+    stack = _copied_stack(model, before)
+    # LLaMA Pro's identity: a copy of the block below that adds nothing to the residual stream
+    # yet, so it starts from features that fit its place rather than from noise.
+    return _zero_outputs(stack) if init == "identity" else stack
+
+
+def _fresh_stack(model: StackWiseModel, n_blocks: int) -> Stack:
+    return Stack(model.cfg, n_blocks=n_blocks).to(model.embedding.tokens.weight.device)
+
+
+def _copied_stack(model: StackWiseModel, blocks: list[Block]) -> Stack:
+    """A new trainable fp32 stack of dense copies of `blocks`."""
+    stack = Stack(model.cfg, n_blocks=0)
+    stack.blocks.extend(_dense_copy(block) for block in blocks)
     return stack
+
+
+def _dense_copy(block: Block) -> Block:
+    """A trainable fp32 copy of a block however it is stored: adapters and NF4 bases are merged
+    into dense weights (a new stack trains in full, not through frozen 4-bit bases)."""
+    new = merge_lora(block) if lora_layers(block) else copy.deepcopy(block)
+    for module in new.modules():
+        module._compiled_call_impl = None  # a compiled forward would still call the original
+    return new.to(torch.float32).requires_grad_(True)
+
+
+def _zero_outputs(stack: Stack) -> Stack:
+    """Zero what each block writes into the residual stream: the stack computes the identity."""
+    with torch.no_grad():
+        for block in stack.blocks:
+            for proj in block.output_projections():
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+    return stack
+
+
+def _keep_blocks(stacks: list[Stack], start: int, end: int) -> list[Stack]:
+    """Keep only the blocks whose index in the concatenation of `stacks` is in [start, end)
+    (deleted in place from each stack's ModuleList); returns the stacks left with any block."""
+    offset = 0
+    for stack in stacks:
+        size = len(stack)
+        for i in reversed(range(size)):  # from the back, so the indices still to visit stay put
+            if not start <= offset + i < end:
+                del stack.blocks[i]
+        offset += size
+    return [stack for stack in stacks if len(stack)]
+
+
+def _append(rack: Rack, stacks: list[Stack]) -> list[int]:
+    """Put `stacks` after the rack's last stack; returns their positions."""
+    positions = []
+    for stack in stacks:
+        positions.append(len(rack))
+        rack.insert(len(rack), stack)
+    return positions
 
 
 def trainable_positions(n_stacks: int, selector: str | list[int], new_positions: list[int], phase_index: int) -> list[int]:
@@ -185,9 +325,27 @@ class ProgressiveRackBuilder:
     def rack(self) -> Any:
         return self.model.rack
 
-    def add_stack(self, where: str = "append", init: str = "random") -> int:
-        """Add one stack; returns its rack position."""
-        return add_stacks(self.model, 1, where, init)[0]
+    def add_stack(self, where: str = "append", init: str = "random", blocks: int | None = None) -> int:
+        """Add one stack (of `blocks` blocks, default the neighbour's); returns its rack position."""
+        return self.grow(where=where, init=init, blocks=blocks)[0]
+
+    def interleave(self, every: int, blocks: int = 1, init: str = "identity") -> list[int]:
+        """A new stack of `blocks` blocks after every `every` blocks (LLaMA Pro); returns the new
+        stacks' positions."""
+        return self.grow(where="interleave", every=every, blocks=blocks, init=init)
+
+    def upscale(self, trim: int) -> list[int]:
+        """Depth up-scaling (SOLAR): the rack then a copy of it, `trim` blocks dropped at the seam
+        of each; returns the copy's positions."""
+        return self.grow(init="upscale", trim=trim)
+
+    def stack(self, factor: int) -> list[int]:
+        """The whole rack repeated `factor` times (G_stack); returns the copies' positions."""
+        return self.grow(init="stack", factor=factor)
+
+    def grow(self, **settings: Any) -> list[int]:
+        """Grow as a phase's `grow: {...}` setting would (same validation, same operators)."""
+        return grow_rack(self.model, GrowConfig(**settings))
 
     def freeze(self, positions: Iterable[int] | None = None, precision: str = "fp32") -> None:
         for position in self._positions(positions):

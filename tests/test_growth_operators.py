@@ -1,0 +1,264 @@
+"""Growth operators beyond append/prepend: interleaved stacks (LLaMA Pro), depth up-scaling
+(SOLAR) and whole-rack stacking (G_stack). Block orders by hand, function preservation, errors
+that name the field, training on the machine (frozen and QLoRA trunks), exact resume, and plan."""
+
+import pytest
+import torch
+import yaml
+
+from stackwise.cli import main
+from stackwise.cli.plan import plan_rows
+from stackwise.config import ConfigError, StackWiseConfig
+from stackwise.model.layers import block_param_count
+from stackwise.model.lora import LoRALinear
+from stackwise.model.quant import dequantize
+from stackwise.training import ProgressiveRackBuilder, TrainingMachine
+from stackwise.training.progressive import apply_model_phase
+
+WORDS = ["stack", "rack", "phase", "model", "data", "time", "grow", "frozen", "cache", "trunk", "head", "embed",
+         "learn", "token", "block", "layer", "train", "step", "rate", "mask", "loss", "curve"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(24):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(36)]
+        (folder / f"doc{i:02d}.txt").write_text(" ".join(words) + ".\n")
+    return folder
+
+
+def model_config(sizes, **model):
+    return {"d_model": 32, "n_heads": 2, "max_seq_len": 32, "tie_embeddings": False,
+            "architecture": {"n_stacks": len(sizes), "blocks_per_stack": sizes}, **model}
+
+
+def labelled(sizes):
+    """A builder whose blocks carry their original index in attn_norm.weight."""
+    cfg = StackWiseConfig.from_dict({"model": model_config(sizes, vocab_size=64), "training": {"seq_len": 32}, "data": {}})
+    builder = ProgressiveRackBuilder(cfg)
+    blocks = [block for stack in builder.rack for block in stack.blocks]
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            block.attn_norm.weight.fill_(i)
+    return builder
+
+
+def order(builder):
+    """The rack as nested lists of original block indices, one list per stack."""
+    return [[int(block.attn_norm.weight[0]) for block in stack.blocks] for stack in builder.rack]
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids)
+
+
+# ---- block orders, by hand ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("trim", "expected", "ids", "new"), [
+    (2, [[0, 1, 2, 3], [4, 5], [2, 3], [4, 5, 6, 7]], ["0", "1", "2", "3"], [2, 3]),  # [0..5] + [2..7]
+    (3, [[0, 1, 2, 3], [4], [3], [4, 5, 6, 7]], ["0", "1", "2", "3"], [2, 3]),  # partial stacks
+    (5, [[0, 1, 2], [5, 6, 7]], ["0", "2"], [1]),  # stack 1 trimmed away, the copy of stack 0 too
+    (0, [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]], ["0", "1", "2", "3"], [2, 3]),
+])
+def test_upscale_gives_the_solar_block_order(trim, expected, ids, new):
+    builder = labelled([4, 4])
+    originals = {id(block) for stack in builder.rack for block in stack.blocks}
+    assert builder.upscale(trim) == new
+    assert order(builder) == expected
+    assert builder.rack.stack_ids == ids  # originals keep their ids; copies get new ones
+    assert builder.to_spec().blocks_per_stack == [len(s) for s in expected]
+    copies = [block for position in new for block in builder.rack[position].blocks]
+    assert not originals & {id(block) for block in copies}
+    assert not {p.data_ptr() for b in copies for p in b.parameters()} & {
+        p.data_ptr() for position, stack in enumerate(builder.rack) if position not in new for p in stack.parameters()}
+
+
+def test_upscale_of_a_32_block_rack_by_8_gives_48_blocks():
+    builder = labelled([4] * 8)
+    builder.upscale(8)
+    flat = [i for stack in order(builder) for i in stack]
+    assert flat == list(range(24)) + list(range(8, 32)) and len(flat) == 48
+
+
+def test_stack_repeats_the_whole_rack():
+    builder = labelled([2, 3])
+    assert builder.stack(3) == [2, 3, 4, 5]
+    assert order(builder) == [[0, 1], [2, 3, 4]] * 3
+    assert builder.rack.stack_ids == ["0", "1", "2", "3", "4", "5"]
+    assert all(stack.role == "trainable" and stack.precision == "fp32" for stack in builder.rack)
+
+
+def test_interleave_inserts_after_every_k_blocks():
+    builder = labelled([2, 2, 2, 2])
+    assert builder.interleave(4) == [2, 5]
+    assert order(builder) == [[0, 1], [2, 3], [3], [4, 5], [6, 7], [7]]
+    assert builder.rack.stack_ids == ["0", "1", "4", "2", "3", "5"]
+    builder = labelled([2, 2, 2, 2])
+    assert builder.interleave(2, blocks=2, init="copy") == [1, 3, 5, 7]
+    assert order(builder) == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
+    builder = labelled([1] * 32)  # LLaMA Pro: 32 blocks, a new one after every 4 -> 40
+    assert len(builder.interleave(4)) == 8 and sum(len(s) for s in builder.rack) == 40
+
+
+@pytest.mark.parametrize("sizes", [[2, 2, 2, 2], [1, 3, 2, 2]])
+def test_interleaved_identity_growth_leaves_the_logits_unchanged(sizes):
+    builder = labelled(sizes)
+    for stack in builder.rack:  # labelled norms would blow the activations up; plain ones here
+        for block in stack.blocks:
+            torch.nn.init.ones_(block.attn_norm.weight)
+    builder.freeze([1], precision="nf4")  # the block before the first insertion point: NF4, copied densely
+    ids = torch.randint(0, 64, (2, 16))
+    before = logits(builder.model, ids)
+    new = builder.interleave(4)
+    assert (logits(builder.model, ids) - before).abs().max() < 1e-6
+    assert [len(stack) for stack in builder.rack] == [*sizes[:2], 1, *sizes[2:], 1]
+    for position in new:
+        stack = builder.rack[position]
+        assert not any(isinstance(m, LoRALinear) for m in stack.modules())
+        assert all(p.dtype == torch.float32 and p.requires_grad for p in stack.parameters())
+        assert all(torch.count_nonzero(proj.weight) == 0 for b in stack.blocks for proj in b.output_projections())
+    # the copy is the block before, output projections aside
+    below, copy = builder.rack[new[0] - 1].blocks[-1], builder.rack[new[0]].blocks[0]
+    assert torch.equal(dequantize(below.attention.q.weight, torch.float32), copy.attention.q.weight)
+
+
+# ---- errors name the field -----------------------------------------------------------------------
+
+
+def plan_config(tmp_path, schedule, sizes=(2, 2)):
+    return {
+        "model": model_config(list(sizes), vocab_size=64),
+        "training": {"batch_size": 4, "seq_len": 16, "total_steps": 10},
+        "data": {"use_dummy_data": True},
+        "schedule": schedule,
+        "run": {"dir": str(tmp_path / "runs")},
+    }
+
+
+def test_an_insertion_point_inside_a_stack_is_a_config_error(tmp_path, capsys):
+    schedule = [{"name": "one", "start_t": 0.0, "end_t": 0.5},
+                {"name": "two", "start_t": 0.5, "end_t": 1.0,
+                 "model_config": {"grow": {"where": "interleave", "every": 3, "init": "identity"}, "trainable": "new"}}]
+    config = StackWiseConfig.from_dict(plan_config(tmp_path, schedule))
+    builder = ProgressiveRackBuilder(config)
+    with pytest.raises(ConfigError) as err:
+        apply_model_phase(builder.model, config.schedule[1].model_config_, 1, config)
+    assert err.value.paths == ["schedule.1.model_config.grow.every"]
+    assert "[2, 2]" in str(err.value) and "blocks_per_stack divide every" in str(err.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(plan_config(tmp_path, schedule)))
+    assert main(["plan", str(path)]) == 2
+    assert "schedule.1.model_config.grow.every" in capsys.readouterr().err
+
+
+def test_trim_must_leave_a_block():
+    with pytest.raises(ConfigError) as err:
+        labelled([2, 2]).upscale(4)
+    assert err.value.paths == ["grow.trim"]
+
+
+# ---- on the machine ------------------------------------------------------------------------------
+
+
+def machine_config(tmp_path, corpus, grow, **plane):
+    return {
+        "model": model_config([1, 1]),
+        "training": {"batch_size": 8, "seq_len": 32, "optimizer": {"lr": 3e-3}, "seed": 1},
+        "data": {"paths": [str(corpus)]},
+        "schedule": [{"name": "one", "start_t": 0.0, "end_t": 0.3},
+                     {"name": "two", "start_t": 0.3, "end_t": 1.0, "model_config": {"grow": grow, **plane}}],
+        "run": {"dir": str(tmp_path / "runs"), "eval_every": 1000, "eval_batches": 1, "log_every": 1000},
+    }
+
+
+INTERLEAVE = {"where": "interleave", "every": 1, "init": "identity"}
+
+
+@pytest.mark.parametrize("trunk", ["frozen", "qlora"])
+def test_interleaved_growth_trains_only_the_new_stacks(tmp_path, corpus, trunk):
+    cfg = machine_config(tmp_path, corpus, INTERLEAVE, trainable="new", trunk=trunk, lora={"rank": 4})
+    machine = TrainingMachine(cfg, total_steps=12, run_dir=False, console=False)
+    for _ in range(4):
+        machine.train_step()
+    machine.planes  # noqa: B018 - enters phase "two", which grows
+    spec = machine.model.rack.to_spec()
+    assert spec.stack_ids == ["0", "2", "1", "3"] and spec.blocks_per_stack == [1, 1, 1, 1]
+    assert spec.roles == (["frozen", "trainable"] * 2 if trunk == "frozen" else ["adapted", "trainable"] * 2)
+    before = {n: dequantize(p).clone() for n, p in machine.model.named_parameters()}
+    losses = [machine.train_step()["loss"].item() for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[-3:]) < losses[0]
+    changed = {n for n, p in machine.model.named_parameters() if not torch.equal(dequantize(p), before[n])}
+    new_stacks = ("rack.stacks.2.", "rack.stacks.3.")
+    assert any(n.startswith(new_stacks) for n in changed)
+    if trunk == "frozen":
+        assert all(n.startswith((*new_stacks, "head.")) for n in changed), changed
+    else:  # the old stacks move through their adapters only; their NF4 bases stay
+        assert all(n.startswith((*new_stacks, "head.")) or "lora_" in n for n in changed), changed
+        assert any("lora_" in n for n in changed)
+
+
+def test_a_run_with_upscale_resumes_exactly(tmp_path, corpus):
+    cfg = machine_config(tmp_path, corpus, {"init": "upscale", "trim": 1}, trainable="all")
+    cfg["model"]["architecture"] = {"n_stacks": 2, "blocks_per_stack": 2}
+    cfg["training"]["total_steps"] = 10
+    full = TrainingMachine(cfg, console=False)
+    reference = full.train()
+    assert full.model.rack.to_spec().blocks_per_stack == [2, 1, 1, 2]
+    cfg["run"]["dir"] = str(tmp_path / "other")
+    first = TrainingMachine(cfg, console=False)
+    for _ in range(6):  # inside phase "two": the up-scaled rack and its optimizer state are saved
+        first.train_step()
+    first.save_checkpoint()
+    first.log.close()
+    resumed = TrainingMachine(cfg, resume=first.run_dir, console=False)
+    assert resumed.step == 6 and resumed.model.rack.to_spec().blocks_per_stack == [2, 1, 1, 2]  # replayed
+    assert resumed.train().losses == reference.losses
+    assert resumed.model.rack.stack_ids == full.model.rack.stack_ids == ["0", "1", "2", "3"]
+
+
+# ---- plan ------------------------------------------------------------------------------------------
+
+
+def test_plan_shows_the_structure_each_operator_gives(tmp_path, capsys):
+    schedule = [
+        {"name": "base", "start_t": 0.0, "end_t": 0.25},
+        {"name": "pro", "start_t": 0.25, "end_t": 0.5, "model_config": {"grow": INTERLEAVE | {"every": 2}, "trainable": "new"}},
+        {"name": "solar", "start_t": 0.5, "end_t": 0.75, "model_config": {"grow": {"init": "upscale", "trim": 1}, "trainable": "new"}},
+        {"name": "gstack", "start_t": 0.75, "end_t": 1.0, "model_config": {"grow": {"init": "stack", "factor": 2}, "trainable": "new"}},
+    ]
+    data = plan_config(tmp_path, schedule)
+    config = StackWiseConfig.from_dict(data)
+    per_block = block_param_count(config.model)
+    outside = 2 * 64 * 32 + 32  # embedding, head projection, final norm (untied)
+    head = 64 * 32 + 32
+    # 4 blocks in [2, 2]; interleave every 2 -> [2, 1, 2, 1]; upscale trim 1 of 6 -> [2, 1, 2] + [1, 1, 2, 1];
+    # stack x2 -> 14 stacks, 20 blocks
+    stacks, blocks, new_blocks = [2, 4, 7, 14], [4, 6, 10, 20], [4, 2, 5, 10]
+    rows = plan_rows(config, 10)
+    assert [r["stacks"] for r in rows] == stacks and [r["blocks"] for r in rows] == blocks
+    assert [r["params"] for r in rows] == [outside + b * per_block for b in blocks]
+    assert [r["trainable"] for r in rows] == [outside + 4 * per_block] + [head + b * per_block for b in new_blocks[1:]]
+    path = tmp_path / "ops.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    table = {line.split()[0]: dict(zip(header[:8], line.split()[:8], strict=True)) for line in lines[2:]}
+    assert [table[p]["stacks"] for p in ("base", "pro", "solar", "gstack")] == [str(s) for s in stacks]
+    assert [table[p]["blocks"] for p in ("base", "pro", "solar", "gstack")] == [str(b) for b in blocks]
+
+
+def test_plan_replays_the_operators_over_a_qlora_trunk(tmp_path):
+    schedule = [
+        {"name": "base", "start_t": 0.0, "end_t": 0.5, "model_config": {"trainable": "new", "trunk": "qlora",
+                                                                          "grow": {"init": "upscale", "trim": 1}}},
+        {"name": "more", "start_t": 0.5, "end_t": 1.0, "model_config": {"trainable": "new", "trunk": "qlora",
+                                                                          "grow": INTERLEAVE | {"every": 2}}},
+    ]
+    # [2, 2] -> [2, 1] + [1, 2]; a new stack after blocks 2, 4 and 6 (copies of NF4 blocks)
+    rows = plan_rows(StackWiseConfig.from_dict(plan_config(tmp_path, schedule)), 10)
+    assert [(r["stacks"], r["blocks"]) for r in rows] == [(4, 6), (7, 9)]
