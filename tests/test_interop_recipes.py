@@ -90,3 +90,16 @@ def test_upscale_recipe(tmp_path):
     out, theirs = exported_logits(tmp_path, machine, ids)
     assert out.config.num_hidden_layers == 12
     assert float((logits(machine.model, ids)[..., : theirs.shape[-1]] - theirs).abs().max()) < 1e-5
+
+
+def test_plan_reads_the_imported_shapes(tmp_path, capsys):
+    hf_model(tmp_path / "base", layers=8)
+    code = main(["plan", str(ROOT / "examples" / "llama_pro.yaml"), f"model.init_from={tmp_path / 'base'}",
+                 "training.seq_len=32", "model.max_seq_len=64", "--no-data"])
+    out = capsys.readouterr().out
+    assert code == 0 and "expand" in out
+    header, *_ = out.splitlines()
+    row = next(line.split() for line in out.splitlines() if line.startswith("expand"))
+    columns = dict(zip(header.split(), row, strict=False))
+    # 8 imported layers in 2 stacks of 4, plus a one-block stack after each: 4 stacks, 10 blocks.
+    assert (columns["stacks"], columns["blocks"]) == ("4", "10")
