@@ -53,3 +53,14 @@ def test_readme_config_loads_and_plans():
     for block in blocks:
         config = StackWiseConfig.from_dict(yaml.safe_load(block))
         assert plan_rows(config, config.training.total_steps or 100)
+
+
+def test_the_growing_by_hand_example_runs_as_written(tmp_path, monkeypatch):
+    """docs/training.md, "Growing by hand and the front door": the snippet runs as printed (its
+    run directory goes under the current folder)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "training.md").read_text(), flags=re.S)
+    snippet = next(b for b in blocks if "ProgressiveRackBuilder(config)" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "docs/training.md", "exec"), namespace)  # the project's own docs
+    assert len(namespace["builder"].rack) == 4 and namespace["result"].steps == 12

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from stackwise.config import ConfigError, LrSchedule, OptimizerConfig
+from stackwise.config import ConfigError, LrSchedule, OptimizerConfig, StackWiseConfig
 from stackwise.training.optimizer import (
     build_optimizer,
     group_grad_norms,
@@ -97,8 +97,18 @@ def test_lr_scale_first_matching_pattern_wins():
 
 
 def test_negative_lr_scale_is_a_config_error():
+    # The config refuses it (the same rule at the top level and in a phase's optimizer_config) ...
+    base = {"model": {"d_model": 32, "n_heads": 2}, "training": {}, "data": {}}
     with pytest.raises(ConfigError) as err:
-        param_groups(Tiny(), OptimizerConfig(lr_scale={"rack.*": -1.0}))
+        StackWiseConfig.from_dict({**base, "training": {"optimizer": {"lr_scale": {"rack.*": -1.0}}}})
+    assert err.value.paths == ["training.optimizer.lr_scale.rack.*"]
+    phase = {"name": "a", "start_t": 0.0, "end_t": 1.0, "optimizer_config": {"lr_scale": {"rack.*": float("nan")}}}
+    with pytest.raises(ConfigError) as err:
+        StackWiseConfig.from_dict({**base, "schedule": [phase]})
+    assert err.value.paths == ["schedule.0.optimizer_config.lr_scale.rack.*"]
+    # ... and so does the optimizer plane, for a config built around validation
+    with pytest.raises(ConfigError) as err:
+        param_groups(Tiny(), OptimizerConfig.model_construct(lr_scale={"rack.*": -1.0}, weight_decay=0.1))
     assert err.value.paths == ["optimizer.lr_scale.rack.*"]
 
 

@@ -22,22 +22,13 @@ from stackwise.config import ConfigError, StackWiseConfig
 from stackwise.training import TrainingMachine
 from stackwise.training.checkpoint import CheckpointError, CheckpointManager, _meta_digest, load_checkpoint
 from stackwise.training.machine import TrainingError
+from tests.runs import growth_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp_path, name="run", steps=60, **run):
-    return {
-        "model": {"d_model": 32, "n_heads": 2, "max_seq_len": 32, "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
-        "training": {"batch_size": 4, "seq_len": 32, "total_steps": steps, "optimizer": {"lr": 3e-3}},
-        "data": {},
-        "schedule": [
-            {"name": "one", "start_t": 0.0, "end_t": 0.4},
-            {"name": "two", "start_t": 0.4, "end_t": 1.0,
-             "model_config": {"grow": {"n": 1, "where": "append", "init": "identity"}, "trainable": "new"}},
-        ],
-        "run": {"dir": str(tmp_path), "name": name, "eval_every": 1000, "eval_batches": 1, "log_every": 1, **run},
-    }
+    return growth_config(tmp_path, name, steps, split=0.4, **run)
 
 
 def write(tmp_path, cfg, name="cfg.yaml"):
@@ -150,6 +141,7 @@ def test_sigterm_and_sigint_stop_gracefully(tmp_path, sig):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"resume with: stackwise train --resume {run_dir}" in out
+    assert (out + err).count(f"stopped by {sig.name}") == 1  # said once (the CLI's outcome line)
     last = CheckpointManager(run_dir).list()[-1]
     step = load_checkpoint(last).step
     assert 5 < step < 5000 and [s for s, _ in step_losses(run_dir)] == list(range(step))
@@ -237,6 +229,7 @@ def test_a_planted_pickle_is_refused_without_running(finished_run, tmp_path):
     meta["sha256"]["state.pt"] = hashlib.sha256((latest / "state.pt").read_bytes()).hexdigest()
     meta["meta_sha256"] = _meta_digest(meta)
     (latest / "meta.json").write_text(json.dumps(meta))
+    (latest / "meta.json.sha256").write_text(hashlib.sha256((latest / "meta.json").read_bytes()).hexdigest())
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(latest)
     assert not marker.exists()

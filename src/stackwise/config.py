@@ -3,18 +3,53 @@
 A config has five sections: `model`, `training`, `data` (required), `schedule` and `run`
 (optional). Unknown keys are errors. Every problem is reported at once, each with its dotted
 path and the bad value, so a user fixes a file in one pass.
+
+Rules that hold across the whole config (docs/config.md, "Limits"):
+
+- no float anywhere may be NaN or infinite (`_Section`'s `allow_inf_nan=False`);
+- a phase's `optimizer_config` / `data_config` obey the same rules as `training.optimizer` /
+  `data` / `training`: both levels are typed with the constrained types below (`LearningRate`,
+  `Betas`, `MaskRate`, ...), so there is one set of rules;
+- a config file is a regular file of at most `MAX_CONFIG_BYTES`, its YAML nests at most
+  `MAX_YAML_DEPTH` levels and expands (aliases included) to at most `MAX_YAML_NODES` values;
+- the rack never holds more than `MAX_BLOCKS` blocks in any phase (checked by arithmetic, before
+  any model is built);
+- every value echoed in an error is cut to `MAX_SHOWN` characters.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import reprlib
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# --------------------------------------------------------------------------------------------
+# Limits (docs/config.md, "Limits")
+
+MAX_CONFIG_BYTES = 10 * 2**20  # a config file larger than this is refused unread
+MAX_YAML_DEPTH = 64  # nesting levels of a YAML document (a config needs about 6)
+MAX_YAML_NODES = 1_000_000  # values of a YAML document once aliases are expanded
+MAX_SHOWN = 200  # characters of a bad value echoed in an error
+MAX_PROBLEMS = 50  # problems listed in one error (the rest are counted)
+MAX_BLOCKS = 2048  # blocks in the rack in any phase
+MAX_LR = 1e3  # a learning rate above this diverges at once; refused rather than trained
+MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -26,11 +61,13 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[tuple[str, str, Any]], source: str | None = None):
         self.problems = problems
         self.source = source
-        where = f" in {source}" if source else ""
+        where = f" in {shorten(str(source))}" if source else ""
         lines = [f"invalid configuration{where} ({len(problems)} problem{'s' * (len(problems) != 1)}):"]
-        for path, message, value in problems:
-            shown = "" if value is _NO_VALUE else f" (got {value!r})"
-            lines.append(f"  {path or '<root>'}: {message}{shown}")
+        for path, message, value in problems[:MAX_PROBLEMS]:
+            shown = "" if value is _NO_VALUE else f" (got {shown_value(value)})"
+            lines.append(f"  {shorten(path or '<root>')}: {shorten(message, 4 * MAX_SHOWN)}{shown}")
+        if len(problems) > MAX_PROBLEMS:
+            lines.append(f"  ... and {len(problems) - MAX_PROBLEMS} more")
         super().__init__("\n".join(lines))
 
     @property
@@ -40,9 +77,177 @@ class ConfigError(ValueError):
 
 _NO_VALUE = object()
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = MAX_SHOWN
+_REPR.maxother = MAX_SHOWN
+_REPR.maxlong = 60
+for _attr in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+    setattr(_REPR, _attr, 8)
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, with an ellipsis and the full length when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def shown_value(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A bounded repr of a user's value for an error message: at most `limit` characters (plus
+    the total size), computed without walking more than a few levels of a nested value."""
+    if isinstance(value, (str, bytes)):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value):,} characters)"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__: say what it is, not what it says
+        text = f"<{type(value).__name__}>"
+    sized = isinstance(value, (list, tuple, dict, set, frozenset))
+    size = f" ({len(value):,} items)" if sized else ""
+    if len(text) > limit:
+        return f"{text[:limit]}…{size}"
+    return f"{text}{size}" if sized and "..." in text else text  # reprlib left some out: say how many
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float field of any section accepts NaN or ±Inf.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading config files and YAML text safely
+
+
+class _YamlLimit(Exception):
+    """A YAML document beyond the limits (too deep, too many values, self-referencing)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that run code) that refuses documents nested deeper than
+    MAX_YAML_DEPTH while composing them (PyYAML's composer recurses per level)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _YamlLimit(f"is nested more than {MAX_YAML_DEPTH} levels deep (at line {mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _node_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse alias bombs: the document's size and depth once every alias is expanded (computed
+    on the node graph, shared nodes once, without expanding anything)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path = {id(root)}
+    stack = [(root, iter(_node_children(root)))]
+    while stack:
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            kids = _node_children(node)
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            depth[id(node)] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[id(node)] > MAX_YAML_NODES:
+                raise _YamlLimit(f"expands to more than {MAX_YAML_NODES:,} values (aliases of aliases: a YAML bomb?)")
+            if depth[id(node)] > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nests more than {MAX_YAML_DEPTH} levels deep once its aliases are expanded")
+            on_path.discard(id(node))
+            stack.pop()
+        elif id(child) in on_path:
+            raise _YamlLimit("holds an alias to a node that contains it (a value that contains itself)")
+        elif id(child) not in size:
+            on_path.add(id(child))
+            stack.append((child, iter(_node_children(child))))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as a config: safe tags only, depth and alias expansion bounded.
+    Raises yaml.YAMLError for bad YAML and _YamlLimit beyond the limits."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_config_file(path: str | os.PathLike[str], what: str = "config") -> str:
+    """The text of a config-like YAML file, refusing before any read what could hang or flood:
+    anything but a regular file (a FIFO, /dev/zero, a socket), a file over MAX_CONFIG_BYTES, and
+    text that is not UTF-8. Raises ConfigError naming the path and the cause."""
+    source = str(path)
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError([("", message, _NO_VALUE)], source)
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise refuse(f"{what} file not found") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise refuse(f"cannot read {what}: {getattr(err, 'strerror', None) or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise refuse("expected a YAML file, got a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise refuse(f"expected a YAML file, got {_file_kind(info.st_mode)}")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise refuse(f"the file is {info.st_size:,} bytes; a {what} file may hold at most {MAX_CONFIG_BYTES:,}")
+    try:
+        # O_NONBLOCK: should the path become a FIFO after the stat, the open still returns at once.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise refuse(f"expected a YAML file, got {_file_kind(os.fstat(handle.fileno()).st_mode)}")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise refuse(f"cannot read {what}: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise refuse(f"the file holds more than {MAX_CONFIG_BYTES:,} bytes; a {what} file may hold at most that")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise refuse(f"cannot read {what}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def parse_config_yaml(text: str, source: str | None = None) -> Any:
+    """`load_yaml` with its errors as ConfigError (line and column of a syntax error)."""
+    try:
+        return load_yaml(text)
+    except _YamlLimit as err:
+        raise ConfigError([("", f"refused: the YAML {err}", _NO_VALUE)], source) from None
+    except RecursionError:
+        raise ConfigError([("", "refused: the YAML is nested too deeply", _NO_VALUE)], source) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([("", f"not valid YAML{where}: {getattr(err, 'problem', None) or err}", _NO_VALUE)], source) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +272,8 @@ class LrSchedule(_Section):
     """Learning-rate shape inside a phase: linear warmup to `peak`, then `schedule` down to `final`."""
 
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    peak: float = Field(gt=0)
-    final: float = Field(default=0.0, ge=0)
+    peak: float = Field(gt=0, le=MAX_LR)
+    final: float = Field(default=0.0, ge=0, le=MAX_LR)
     warmup: float = Field(default=0.0, ge=0, lt=1, description="fraction of the phase spent warming up")
 
     def at(self, tau: float) -> float:
@@ -84,7 +289,57 @@ class LrSchedule(_Section):
 
 
 Number = Union[float, Ramp]  # noqa: UP007 - pydantic reads the union at runtime
-LearningRate = Union[float, LrSchedule]  # noqa: UP007
+
+
+# ---- constrained types: one set of rules for a section and for a phase's override of it ----------
+
+
+class _CrossFieldError(ValueError):
+    """Raised inside validators to report several (relative path, message, value) problems."""
+
+    def __init__(self, problems: list[tuple[str, str, Any]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m, _ in problems))
+
+
+def _lr_in_range(v: float | LrSchedule) -> float | LrSchedule:
+    if isinstance(v, (int, float)) and not 0 < v <= MAX_LR:
+        raise ValueError(f"learning rate must be > 0 and at most {MAX_LR:g}")
+    return v
+
+
+def _betas_in_range(v: tuple[float, float]) -> tuple[float, float]:
+    if not all(0 <= b < 1 for b in v):
+        raise ValueError("each beta must lie in [0, 1)")
+    return v
+
+
+def _rate_in_range(v: float | Ramp) -> float | Ramp:
+    parts = [("start", v.start), ("end", v.end)] if isinstance(v, Ramp) else [("", v)]
+    bad = [(name, "must lie in (0, 1]", rate) for name, rate in parts if not 0 < rate <= 1]
+    if bad:
+        raise _CrossFieldError(bad)
+    return v
+
+
+def _range_in_order(v: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = v
+    if not 0 < lo <= hi <= 1:
+        raise ValueError("needs 0 < lo <= hi <= 1")
+    return v
+
+
+LearningRate = Annotated[Union[float, LrSchedule], AfterValidator(_lr_in_range)]  # noqa: UP007
+Betas = Annotated[tuple[float, float], AfterValidator(_betas_in_range)]
+WeightDecay = Annotated[float, Field(ge=0)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+GradClip = Annotated[float, Field(gt=0)]
+LrScale = dict[str, Annotated[float, Field(ge=0)]]
+MaskRate = Annotated[Number, AfterValidator(_rate_in_range)]
+MaskRange = Annotated[tuple[float, float], AfterValidator(_range_in_order)]
+SeqLen = Annotated[int, Field(ge=2)]
+BatchSize = Annotated[int, Field(ge=1)]
+OptimizerType = Literal["AdamW", "Adam", "SGD"]
 
 
 def value_at(value: float | Ramp | LrSchedule, tau: float) -> float:
@@ -108,6 +363,10 @@ class ArchitectureConfig(_Section):
         problems = [("blocks_per_stack", "every stack needs at least one block", self.blocks_per_stack)] if min(sizes, default=0) < 1 else []
         if isinstance(self.blocks_per_stack, list) and len(self.blocks_per_stack) != self.n_stacks:
             problems.append(("blocks_per_stack", f"needs one count per stack (n_stacks={self.n_stacks})", self.blocks_per_stack))
+        total = sum(sizes) if isinstance(self.blocks_per_stack, list) else self.n_stacks * self.blocks_per_stack
+        if not problems and total > MAX_BLOCKS:
+            key = "n_stacks" if isinstance(self.blocks_per_stack, list) or self.n_stacks >= self.blocks_per_stack else "blocks_per_stack"
+            problems.append((key, f"makes a rack of {total:,} blocks; at most {MAX_BLOCKS} are supported", getattr(self, key)))
         if problems:
             raise _CrossFieldError(problems)
         return self
@@ -200,38 +459,27 @@ def _round_up(x: float, multiple: int) -> int:
 
 
 class OptimizerConfig(_Section):
-    optimizer_type: Literal["AdamW", "Adam", "SGD"] = "AdamW"
+    """The run's optimizer. A phase's `optimizer_config` overrides these fields with values of the
+    same types (PhaseOptimizerConfig), so both obey the same rules."""
+
+    optimizer_type: OptimizerType = "AdamW"
     lr: LearningRate = 3e-4
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: WeightDecay = 0.1
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD only")
-    grad_clip: float | None = Field(default=1.0, gt=0, description="max global grad norm; null disables clipping")
-    lr_scale: dict[str, float] = Field(default_factory=dict, description="parameter-group name pattern -> lr multiplier")
+    momentum: Momentum = Field(default=0.9, description="SGD only")
+    grad_clip: GradClip | None = Field(default=1.0, description="max global grad norm; null disables clipping")
+    lr_scale: LrScale = Field(default_factory=dict, description="parameter-group name pattern -> lr multiplier")
     fused: bool = Field(default=True, description="AdamW/Adam: torch's fused update kernel; false = per-tensor loop")
-
-    @field_validator("lr")
-    @classmethod
-    def _positive_lr(cls, v: LearningRate) -> LearningRate:
-        if isinstance(v, float) and v <= 0:
-            raise ValueError("learning rate must be > 0")
-        return v
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError("each beta must lie in [0, 1)")
-        return v
 
 
 class TrainingConfig(_Section):
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: BatchSize = 8
     progressive: ProgressiveConfig = Field(default_factory=lambda: ProgressiveConfig())
-    seq_len: int = Field(default=128, ge=2)
+    seq_len: SeqLen = 128
     total_steps: int | None = Field(default=None, ge=1, description="run length; TrainingMachine(total_steps=) overrides")
     grad_accum_steps: int = Field(default=1, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
 
     @model_validator(mode="before")
@@ -266,8 +514,8 @@ class DataConfig(_Section):
     text_field: str = "text"
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     objective: Objective = "clm"
-    mask_rate: Number = Field(default=0.15, description="mlm: fraction of tokens selected")
-    mask_range: tuple[float, float] = Field(default=(0.02, 1.0), description="diffusion: per-sample rate drawn from [lo, hi]")
+    mask_rate: MaskRate = Field(default=0.15, description="mlm: fraction of tokens selected")
+    mask_range: MaskRange = Field(default=(0.02, 1.0), description="diffusion: per-sample rate drawn from [lo, hi]")
     val_fraction: float = Field(default=0.05, gt=0, le=0.5)
     cache_dir: str | None = Field(default=None, description="token cache; default $STACKWISE_CACHE or ~/.cache/stackwise")
 
@@ -278,24 +526,6 @@ class DataConfig(_Section):
             data = {**data, "tokenizer": {"kind": data["tokenizer"]}}
         return data
 
-    @model_validator(mode="after")
-    def _check_rates(self) -> DataConfig:
-        problems = []
-        for name, rate in _rates(self.mask_rate):
-            if not 0 < rate <= 1:
-                problems.append((f"mask_rate{name}", "must lie in (0, 1]", rate))
-        lo, hi = self.mask_range
-        if not 0 < lo <= hi <= 1:
-            problems.append(("mask_range", "needs 0 < lo <= hi <= 1", self.mask_range))
-        if problems:
-            raise _CrossFieldError(problems)
-        return self
-
-
-def _rates(value: float | Ramp) -> list[tuple[str, float]]:
-    if isinstance(value, Ramp):
-        return [(".start", value.start), (".end", value.end)]
-    return [("", value)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,11 +581,23 @@ class GrowConfig(_Section):
         return self
 
 
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down", "q_down", "q_up", "kv_down", "k_up", "v_up", "k_rope"]
+# The linear layers of one block, by attention kind (model/layers.py): what LoRA targets can name.
+_DENSE_LINEARS = {"o", "gate", "up", "down"}
+
+
+def block_linears(model: ModelConfig) -> set[str]:
+    """Names of the linear layers of one block of `model` (the possible LoRA targets)."""
+    if model.attention != "mla":
+        return _DENSE_LINEARS | {"q", "k", "v"}
+    return _DENSE_LINEARS | {"kv_down", "k_up", "v_up", "k_rope"} | ({"q_down", "q_up"} if model.mla.q_rank else {"q"})
+
+
 class LoraConfig(_Section):
-    rank: int = Field(default=8, ge=1)
+    rank: int = Field(default=8, ge=1, description="at most model.d_model (a higher rank adds no capacity)")
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    targets: list[str] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[LoraTarget] = Field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"], min_length=1)
 
 
 Precision = Literal["fp32", "bf16", "fp16", "nf4"]
@@ -398,27 +640,29 @@ class ProgressiveConfig(_Section):
 
 
 class PhaseDataConfig(_Section):
-    """Data settings a phase may override (all optional)."""
+    """Data settings a phase may override (all optional); same types, so same rules, as `data`
+    and `training`."""
 
     paths: list[str] | None = None
     text_field: str | None = None
     objective: Objective | None = None
-    mask_rate: Number | None = None
-    mask_range: tuple[float, float] | None = None
-    seq_len: int | None = Field(default=None, ge=2)
-    batch_size: int | None = Field(default=None, ge=1)
+    mask_rate: MaskRate | None = None
+    mask_range: MaskRange | None = None
+    seq_len: SeqLen | None = None
+    batch_size: BatchSize | None = None
 
 
 class PhaseOptimizerConfig(_Section):
-    """Optimizer settings a phase may override (all optional)."""
+    """Optimizer settings a phase may override (all optional); same types, so same rules, as
+    `training.optimizer`."""
 
-    optimizer_type: Literal["AdamW", "Adam", "SGD"] | None = None
+    optimizer_type: OptimizerType | None = None
     lr: LearningRate | None = None
-    weight_decay: float | None = Field(default=None, ge=0)
-    betas: tuple[float, float] | None = None
-    momentum: float | None = Field(default=None, ge=0, lt=1)
-    grad_clip: float | None = Field(default=None, gt=0)
-    lr_scale: dict[str, float] | None = None
+    weight_decay: WeightDecay | None = None
+    betas: Betas | None = None
+    momentum: Momentum | None = None
+    grad_clip: GradClip | None = None
+    lr_scale: LrScale | None = None
 
 
 class PhaseConfig(_Section):
@@ -432,7 +676,7 @@ class PhaseConfig(_Section):
     model_config_: PhaseModelConfig = Field(default_factory=PhaseModelConfig, alias="model_config")
     optimizer_config: PhaseOptimizerConfig = Field(default_factory=PhaseOptimizerConfig)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_time_form(self) -> PhaseConfig:
@@ -498,7 +742,7 @@ class RunConfig(_Section):
     on_nonfinite: Literal["stop", "skip_step"] = Field(
         default="stop", description="a NaN/Inf loss or gradient: stop the run, or skip that update (one host sync per step)"
     )
-    threads: int | None = Field(default=None, ge=1, description="CPU threads; default: torch's choice")
+    threads: int | None = Field(default=None, ge=1, le=MAX_THREADS, description="CPU threads; default: torch's choice")
     distributed: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="data parallelism when torchrun starts several ranks: ddp replicates, fsdp shards"
     )
@@ -506,6 +750,9 @@ class RunConfig(_Section):
         default_factory=list, description="external loggers besides metrics.jsonl (and TensorBoard when installed)"
     )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    memory_check: bool = Field(
+        default=True, description="refuse a run whose estimated peak memory exceeds the device's (training/fits.py)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -550,9 +797,35 @@ class StackWiseConfig(_Section):
                 problems.append((path, f"must be divisible by training.grad_accum_steps={accum}", size))
         if max(seq_lens) > self.model.max_seq_len:
             problems.append(("model.max_seq_len", f"is shorter than the longest sequence {max(seq_lens)}", self.model.max_seq_len))
+        problems += self._structure_problems()
         if problems:
             raise _CrossFieldError(problems)
         return self
+
+    def _structure_problems(self) -> list[tuple[str, str, Any]]:
+        """Rules that need the rack of each phase, found by arithmetic on block counts (no model
+        is built): the MAX_BLOCKS bound, `stack_precision` positions, LoRA rank and targets."""
+        racks, problems = rack_sizes(self)
+        linears = block_linears(self.model)
+        loras = [("training.progressive.lora", self.training.progressive.lora)]
+        loras += [(f"schedule.{i}.model_config.lora", p.model_config_.lora) for i, p in enumerate(self.schedule or [])]
+        for path, lora in loras:
+            if lora.rank > self.model.d_model:
+                problems.append((f"{path}.rank", f"exceeds model.d_model={self.model.d_model}: a higher rank adds "
+                                 "parameters and no capacity", lora.rank))
+            if not set(lora.targets) & linears:
+                problems.append((f"{path}.targets", f"names no linear layer of this model's {self.model.attention} "
+                                 f"blocks; they are {sorted(linears)}", lora.targets))
+        for i, phase in enumerate(self.schedule or []):
+            sizes = racks[i] if i < len(racks) else None
+            if sizes is None:
+                continue
+            for position in phase.model_config_.stack_precision:
+                if not 0 <= position < len(sizes):
+                    problems.append((f"schedule.{i}.model_config.stack_precision.{position}",
+                                     f"there is no stack {position}: the rack has {len(sizes)} stacks in this phase "
+                                     f"(positions 0..{len(sizes) - 1})", position))
+        return problems
 
     # ---- construction -------------------------------------------------------------------
 
@@ -568,20 +841,7 @@ class StackWiseConfig(_Section):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> StackWiseConfig:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([("", "config file not found", _NO_VALUE)], str(path)) from None
-        except IsADirectoryError:
-            raise ConfigError([("", "expected a YAML file, got a directory", _NO_VALUE)], str(path)) from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError([("", f"cannot read config: {err}", _NO_VALUE)], str(path)) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([("", f"not valid YAML{where}: {getattr(err, 'problem', err)}", _NO_VALUE)], str(path)) from None
+        data = parse_config_yaml(read_config_file(path), str(path))
         if data is None:
             raise ConfigError([("", "the file is empty; it needs model, training and data sections", _NO_VALUE)], str(path))
         return cls.from_dict(data, source=str(path))
@@ -637,14 +897,6 @@ class StackWiseConfig(_Section):
 # helpers
 
 
-class _CrossFieldError(ValueError):
-    """Raised inside validators to report several (relative path, message, value) problems."""
-
-    def __init__(self, problems: list[tuple[str, str, Any]]):
-        self.problems = problems
-        super().__init__("; ".join(f"{p}: {m}" for p, m, _ in problems))
-
-
 def _schedule_problems(schedule: list[PhaseConfig] | None, total_steps: int | None) -> list[tuple[str, str, Any]]:
     """Phases must tile [0, 1]: sorted, no gap, no overlap, first at 0, last at 1."""
     if not schedule:
@@ -673,6 +925,82 @@ def _schedule_problems(schedule: list[PhaseConfig] | None, total_steps: int | No
     return problems
 
 
+def rack_sizes(config: StackWiseConfig) -> tuple[list[list[int] | None], list[tuple[str, str, Any]]]:
+    """Blocks per stack after each phase's growth, by arithmetic alone (the same operators as
+    training/progressive.py), and the problems of growth beyond MAX_BLOCKS. A phase whose growth
+    cannot apply (reported when the rack is built) ends the replay: its entry and the later
+    ones are None. A config without a schedule but with `training.progressive.target_stacks`
+    grows one stack per phase."""
+    sizes: list[int] | None = config.model.architecture.stack_sizes
+    if config.schedule is None:
+        target = config.training.progressive.target_stacks
+        if target is not None and target > len(sizes):
+            neighbour = sizes[-1] if config.training.progressive.where == "append" else sizes[0]
+            total = sum(sizes) + (target - len(sizes)) * neighbour
+            if total > MAX_BLOCKS:
+                return [], [("training.progressive.target_stacks", f"grows the rack to {total:,} blocks; at most "
+                             f"{MAX_BLOCKS} are supported", target)]
+        return [], []
+    racks: list[list[int] | None] = []
+    for i, phase in enumerate(config.schedule):
+        grow = phase.model_config_.grow
+        if sizes is not None and grow is not None:
+            sizes, problem = _grown(sizes, grow, f"schedule.{i}.model_config.grow")
+            if problem:
+                return racks + [None] * (len(config.schedule) - i), [problem]
+        racks.append(sizes)
+    return racks, []
+
+
+def _grown(sizes: list[int], grow: GrowConfig, field: str) -> tuple[list[int] | None, tuple[str, str, Any] | None]:
+    """`sizes` after one growth; (None, None) when the operator cannot apply to this rack (the
+    model plane reports why), (None, problem) when it would exceed MAX_BLOCKS."""
+    total = sum(sizes)
+
+    def too_big(key: str, blocks: int) -> tuple[None, tuple[str, str, Any]]:
+        return None, (f"{field}.{key}", f"grows the rack to {blocks:,} blocks; at most {MAX_BLOCKS} are supported",
+                      getattr(grow, key))
+
+    if grow.init == "stack":
+        if total * grow.factor > MAX_BLOCKS:
+            return too_big("factor", total * grow.factor)
+        return sizes * grow.factor, None
+    if grow.init == "upscale":
+        if grow.trim >= total:
+            return None, None
+        return _keep(sizes, 0, total - grow.trim) + _keep(sizes, grow.trim, total), None
+    if grow.where == "interleave":
+        blocks = grow.blocks or 1
+        points = set(range(grow.every, total + 1, grow.every))
+        ends = [sum(sizes[: j + 1]) for j in range(len(sizes))]
+        if not points or not points <= set(ends):
+            return None, None
+        if total + len(points) * blocks > MAX_BLOCKS:
+            return too_big("every" if grow.blocks is None else "blocks", total + len(points) * blocks)
+        out: list[int] = []
+        for size, end in zip(sizes, ends, strict=True):
+            out += [size, blocks] if end in points else [size]
+        return out, None
+    neighbour = sizes[-1] if grow.where == "append" else sizes[0]
+    blocks = grow.blocks or neighbour
+    if total + grow.n * blocks > MAX_BLOCKS:
+        return too_big("blocks" if grow.blocks and grow.blocks > grow.n else "n", total + grow.n * blocks)
+    new = [blocks] * grow.n
+    return (sizes + new if grow.where == "append" else new + sizes), None
+
+
+def _keep(sizes: list[int], start: int, end: int) -> list[int]:
+    """Stack sizes when only blocks [start, end) of the concatenated stacks are kept (empty
+    stacks go)."""
+    out, offset = [], 0
+    for size in sizes:
+        kept = max(0, min(end, offset + size) - max(start, offset))
+        if kept:
+            out.append(kept)
+        offset += size
+    return out
+
+
 def check_schedule(config: StackWiseConfig, total_steps: int) -> None:
     """Raise ConfigError if the phases do not tile the run of `total_steps` steps."""
     problems = _schedule_problems(config.schedule, total_steps)
@@ -682,15 +1010,14 @@ def check_schedule(config: StackWiseConfig, total_steps: int) -> None:
 
 def _problems_from(err: ValidationError) -> list[tuple[str, str, Any]]:
     problems = []
-    for e in err.errors(include_url=False):
-        loc = [str(part) for part in e["loc"]]
+    for e in _without_union_noise(err.errors(include_url=False)):
+        # pydantic appends the union member's name ("float", "Ramp", ...) to the path: drop it.
+        loc = [str(part) for part in e["loc"] if not _is_type_tag(str(part))]
         ctx_error = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _CrossFieldError):
             for rel, message, value in ctx_error.problems:
                 problems.append((".".join([*loc, rel] if rel else loc), message, value))
             continue
-        # pydantic appends the union member's name ("float", "Ramp", ...) to the path: drop it.
-        loc = [p for p in loc if not _is_type_tag(p)]
         message = e["msg"].removeprefix("Value error, ")
         value = e.get("input", _NO_VALUE) if e["type"] != "missing" else _NO_VALUE
         if e["type"] == "missing":
@@ -703,6 +1030,23 @@ def _problems_from(err: ValidationError) -> list[tuple[str, str, Any]]:
             seen.add((path, message))
             unique.append((path, message, value))
     return unique
+
+
+def _is_type_mismatch(error: Mapping[str, Any]) -> bool:
+    return error["type"].endswith(("_type", "_parsing")) or error["type"] == "is_instance_of"
+
+
+def _without_union_noise(errors: list[Any]) -> list[Any]:
+    """A value checked against a union (a number or a ramp, ...) fails once per member. When it
+    has the type of one member and breaks that member's rule ("must be > 0"), the other members'
+    "should be a valid dictionary" is noise: keep only the rule. When it fits no member, keep all."""
+    def union_key(error: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        loc = [str(p) for p in error["loc"]]
+        tags = [i for i, part in enumerate(loc) if _is_type_tag(part)]
+        return tuple(error["loc"][: tags[0]]) if tags else None
+
+    informative = {union_key(e) for e in errors if union_key(e) is not None and not _is_type_mismatch(e)}
+    return [e for e in errors if not (_is_type_mismatch(e) and union_key(e) in informative)]
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "list[int]", "Ramp", "LrSchedule", "literal['new','all']", "function-after[_trainable_form(), union[literal['new','all'],str,list[int]]]"}
@@ -718,10 +1062,14 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ValueError("expected key=value, e.g. training.optimizer.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except _YamlLimit as err:
+        raise ValueError(f"value refused: the YAML {err}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"value is not valid YAML: {err}") from None
+        raise ValueError(f"value is not valid YAML: {getattr(err, 'problem', None) or err}") from None
     parts = key.split(".")
+    if not all(parts):
+        raise ValueError("a key is dotted names without empty parts, e.g. training.optimizer.lr")
     if parts[:2] == ["training", "lr"] and len(parts) == 2:
         parts = ["training", "optimizer", "lr"]
     node: Any = data
@@ -741,5 +1089,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not last.isdigit() or int(last) >= len(node):
             raise ValueError("is not an index of the list")
         node[int(last)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ValueError(f"'{'.'.join(parts[:-1])}' is a value ({shown_value(node)}), not a section with keys")

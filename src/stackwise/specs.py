@@ -27,15 +27,57 @@ def objective_attention_mode(objective: str) -> str:
     return "causal" if objective == "clm" else "bidirectional"
 
 
+# Where a spec field's value comes from in a run's config: a SpecError that reaches a user who
+# wrote a config names the config key first, in the user's words ("training.optimizer.lr
+# (OptimizerSpec.lr): ..."). A phase may override most of these (its optimizer_config /
+# data_config), hence "or the phase's".
+_PHASE_OPT = "or the phase's optimizer_config."
+_PHASE_DATA = "or the phase's data_config."
+CONFIG_PATHS = {
+    **{f"OptimizerSpec.{k}": f"training.optimizer.{k} {_PHASE_OPT}{k}"
+       for k in ("optimizer_type", "lr", "weight_decay", "betas", "momentum", "grad_clip")},
+    "OptimizerSpec.eps": "training.optimizer.eps",
+    "OptimizerSpec.param_names": "schedule's model_config.trainable",
+    **{f"{spec}.{k}": f"training.{k} {_PHASE_DATA}{k}" for spec in ("BatchSpec", "DataSpec") for k in ("batch_size", "seq_len")},
+    **{f"{spec}.{k}": f"data.{k} {_PHASE_DATA}{k}"
+       for spec in ("BatchSpec", "DataSpec") for k in ("objective", "mask_rate", "mask_range")},
+    "BatchSpec.vocab_size": "data.tokenizer.vocab_size",
+    "DataSpec.vocab_size": "data.tokenizer.vocab_size",
+    "DataSpec.tokenizer": "data.tokenizer.kind",
+    "DataSpec.corpus": "data.paths",
+    "DataSpec.val_fraction": "data.val_fraction",
+    "DataSpec.seed": "training.seed",
+    "data.vocab_size": "model.vocab_size",
+    "data.seq_len": "training.seq_len (vs model.max_seq_len)",
+    "EmbeddingSpec.vocab_size": "model.vocab_size",
+    "HeadSpec.vocab_size": "model.vocab_size",
+    **{f"{spec}.d_model": "model.d_model" for spec in ("EmbeddingSpec", "HeadSpec", "RackSpec")},
+    **{f"RackSpec.{k}": f"model.{k}" for k in ("n_heads", "n_kv_heads", "attention", "ffn_hidden", "max_seq_len")},
+    "RackSpec.n_stacks": "model.architecture.n_stacks",
+    "RackSpec.blocks_per_stack": "model.architecture.blocks_per_stack",
+    "optimizer.param_names": "schedule's model_config.trainable",
+}
+
+
+def _in_config_terms(field: str) -> str:
+    """`field`, preceded by the config key it comes from when there is one."""
+    key = field.split("[")[0]
+    for prefix in ("ModelSpec.",):  # ModelSpec reports its parts as ModelSpec.RackSpec.d_model
+        key = key.removeprefix(prefix)
+    path = CONFIG_PATHS.get(key)
+    return f"{path} ({field})" if path else field
+
+
 class SpecError(ValueError):
-    """One or more specs are invalid or do not fit together. `problems` lists (field, message)."""
+    """One or more specs are invalid or do not fit together. `problems` lists (field, message);
+    the text names, for fields a config sets, the config key first (CONFIG_PATHS)."""
 
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         if len(problems) == 1:
-            text = f"{problems[0][0]}: {problems[0][1]}"
+            text = f"{_in_config_terms(problems[0][0])}: {problems[0][1]}"
         else:
-            text = f"{len(problems)} problems:\n" + "\n".join(f"  {f}: {m}" for f, m in problems)
+            text = f"{len(problems)} problems:\n" + "\n".join(f"  {_in_config_terms(f)}: {m}" for f, m in problems)
         super().__init__(text)
 
 

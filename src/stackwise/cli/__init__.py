@@ -1,20 +1,25 @@
 """The `stackwise` command: train, plan, plot, eval, generate, consolidate, export.
 
 Every user error (bad config, data, checkpoint or arguments) prints one message and exits 2.
+Ctrl-C at any moment, the first imports included, prints one line and exits 130: this module
+imports nothing heavy at its top, `main` imports the rest inside its guard.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stackwise.config import ConfigError, StackWiseConfig
-from stackwise.data.errors import DataError
-from stackwise.specs import SpecError
+if TYPE_CHECKING:
+    from stackwise.config import StackWiseConfig
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+MAX_NEW_TOKENS = 1_000_000  # `generate` keeps every id in one buffer: a bound on what one call may ask
 
 
 class UsageError(Exception):
@@ -26,6 +31,8 @@ def builtin_demo_path() -> Path:
 
 
 def _load_config(path: str | None, overrides: list[str]) -> StackWiseConfig:
+    from stackwise.config import StackWiseConfig
+
     source = path if path is not None else builtin_demo_path()
     config = StackWiseConfig.from_yaml(source)
     return config.with_overrides(overrides) if overrides else config
@@ -61,6 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"run directory: {machine.run_dir}", file=sys.stderr)
     result = machine.train()
+    if result.nothing_to_do:  # nothing ran and nothing in the run directory was touched (no new plot either)
+        print(f"nothing to do: {machine.run_dir} has run all {result.steps} steps; to train it longer: "
+              f"stackwise train --resume {machine.run_dir} --steps N")
+        return 0
     if result.stopped:
         print(f"stopped by {result.stopped} after {result.steps} steps; resume with: stackwise train --resume {machine.run_dir}")
         return 0
@@ -89,12 +100,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device = args.device or config.run.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    _warn_if_too_large(config, steps, device)
     rows = plan_rows(config, steps, device=device, windows=None if args.no_data else _windows(config))
     print(format_table(rows))
     if args.memory:
         print()
         print(memory_table(rows, device))
     return 0
+
+
+def _warn_if_too_large(config: StackWiseConfig, steps: int, device: str) -> None:
+    """`stackwise plan` shows a run that would not fit (training/fits.py) with a warning rather than
+    refusing it: plan is where one explores sizes. `train` refuses the same run."""
+    from stackwise.config import ConfigError, shown_value
+    from stackwise.training.fits import check_fits
+
+    try:
+        check_fits(config, steps, device)
+    except ConfigError as err:
+        for path, message, value in err.problems:
+            print(f"stackwise plan: warning: {path}={shown_value(value)} is {message}; `stackwise train` refuses "
+                  "this run", file=sys.stderr)
 
 
 def _windows(config: StackWiseConfig):
@@ -111,7 +137,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory")
-    print(plot_run(run_dir, args.out))
+    print(plot_run(run_dir, args.out))  # a bad --out is refused before anything is drawn
     return 0
 
 
@@ -125,11 +151,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--mask-range needs 0 < LO <= HI <= 1, got {args.mask_range}")
     if args.mask_rate is not None and not 0 < args.mask_rate <= 1:
         raise UsageError(f"--mask-rate must lie in (0, 1], got {args.mask_rate}")
+    if args.batches is not None and args.batches < 1:
+        raise UsageError(f"--batches must be a positive count, got {args.batches}")
     machine = TrainingMachine.for_evaluation(
         run_dir, paths=[args.data] if args.data else None, objective=args.objective,
         mask_range=tuple(args.mask_range) if args.mask_range else None, mask_rate=args.mask_rate,
     )
     result = machine.evaluate(max_batches=args.batches)
+    if not math.isfinite(result["val_loss"]):  # weights that overflow give NaN/Inf: a broken checkpoint, not a score
+        raise UsageError(f"{run_dir}: the checkpoint of step {machine.step} gives a non-finite validation loss "
+                         f"({result['val_loss']}): its weights overflow and cannot be scored")
     print(f"validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte (step {machine.step}, {run_dir})")
     return 0
 
@@ -137,8 +168,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _check_generate_args(args: argparse.Namespace) -> None:
     if not args.prompt:
         raise UsageError("--prompt is empty; give the text to continue")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens may be at most {MAX_NEW_TOKENS:,}, got {args.max_new_tokens:,}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--top-k", args.top_k), ("--steps", args.steps)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive count, got {value}")
@@ -173,9 +208,22 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{run_dir}: not a run directory (no config.yaml)")
-    path = consolidate(run_dir, args.out, args.checkpoint)
+    check_writable_parent(Path(args.out), "--out")
+    try:
+        path = consolidate(run_dir, args.out, args.checkpoint)
+    except OSError as err:  # the disk filled or the folder turned read-only while writing
+        raise UsageError(f"--out {args.out}: cannot write there: {err.strerror or err}") from None
     print(f"wrote {path} (one-process format); resume with: stackwise train --resume {args.out}")
     return 0
+
+
+def check_writable_parent(path: Path, flag: str) -> None:
+    """Refuse, naming `path` and the cause, an output that cannot be written, before any work."""
+    from stackwise.cli.outputs import output_folder_problem
+
+    problem = output_folder_problem(path)
+    if problem:
+        raise UsageError(f"{flag} {path}: {problem}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -207,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --resume: append the phases of this file's `schedule` after the run's end")
     train.set_defaults(func=cmd_train)
 
-    plan = sub.add_parser("plan", help="print the timeline of a config without training")
+    plan = sub.add_parser("plan", help="print the timeline of a config without training (warns when it would not fit)")
     plan.add_argument("config", metavar="CONFIG.yaml")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
     plan.add_argument("--steps", type=int, help="total steps (default: training.total_steps)")
@@ -254,17 +302,42 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--allow-bidirectional", action="store_true",
                      help="export a model trained only with mlm/diffusion (a Llama runs it causally)")
     exp.set_defaults(func=cmd_export)
+    parser.intermixed = {"train": train, "plan": plan}  # type: ignore[attr-defined]
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`train` and `plan` take their options anywhere among the config and the key=value
+    overrides (`plan cur.yaml --steps 20 run.name=x`); argparse cannot intermix through
+    subparsers, so these two commands are parsed by their own parser."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = getattr(parser, "intermixed", {}).get(argv[0]) if argv else None
+    if command is None:
+        return parser.parse_args(argv)
+    args = command.parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C during the imports or argument parsing, before _main's own guard
+        print("stackwise: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     from stackwise.cli.plot import PlotError
+    from stackwise.config import ConfigError
+    from stackwise.data.errors import DataError
+    from stackwise.specs import SpecError
     from stackwise.training.checkpoint import CheckpointError
     from stackwise.training.distributed import shutdown
     from stackwise.training.machine import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         code = args.func(args)
         shutdown(together=True)
@@ -274,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("stackwise: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         shutdown(together=False)  # after an error (a no-op when already left, or in a plain process)
 

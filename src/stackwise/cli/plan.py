@@ -5,26 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from stackwise.config import LrSchedule, Ramp, StackWiseConfig
-from stackwise.data.tokenizer import SPECIAL_TOKENS
-from stackwise.model import StackWiseModel
-from stackwise.training.cache import cache_off_reason
-from stackwise.training.memory import MemoryEstimate, estimate_phase, first_trainable_stack, gib
-from stackwise.training.progressive import apply_model_phase, with_growth_schedule
-from stackwise.training.schedule import Phase, PhaseSchedule, resolve_data, resolve_optimizer
-
-
-def planned_vocab(config: StackWiseConfig) -> int:
-    """The vocabulary the run will have, known without reading the corpus."""
-    if config.model.vocab_size is not None:
-        return config.model.vocab_size
-    if config.data.use_dummy_data:
-        return 512
-    if config.data.tokenizer.kind == "bpe":
-        return config.data.tokenizer.vocab_size
-    return 256 + len(SPECIAL_TOKENS)
+from stackwise.config import LrSchedule, StackWiseConfig
+from stackwise.training.fits import mask_fraction as _mask_fraction  # noqa: F401 (re-exported)
+from stackwise.training.fits import phase_memory
+from stackwise.training.memory import gib
+from stackwise.training.progressive import with_growth_schedule
+from stackwise.training.schedule import PhaseSchedule, resolve_data, resolve_optimizer
+from stackwise.training.structure import (  # noqa: F401 (planned_vocab: re-exported)
+    planned_vocab,
+    replay_phases,
+)
 
 
 def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", windows: Any = None) -> list[dict[str, Any]]:
@@ -34,13 +24,11 @@ def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", wi
     model. `windows(seq_len)` gives the number of training windows (for the activation cache),
     when the corpus is known."""
     config = with_growth_schedule(config)
-    schedule = PhaseSchedule.from_config(config, total_steps)
-    with torch.device("meta"):  # shapes only: a 70B-shaped plan allocates nothing
-        model = StackWiseModel(config.model, vocab_size=planned_vocab(config))
+    ranges = PhaseSchedule.from_config(config, total_steps).step_ranges(total_steps)
     rows = []
-    for index, (phase, (first, end)) in enumerate(zip(schedule.phases, schedule.step_ranges(total_steps), strict=True)):
-        with torch.device("meta"):
-            apply_model_phase(model, phase.model, index, config)
+    # Shapes only (training/structure.py): a 70B-shaped plan allocates nothing.
+    for index, phase, model in replay_phases(config, total_steps):
+        first, end = ranges[index]
         data = resolve_data(config, phase, tau=None)
         optimizer = resolve_optimizer(config.training.optimizer, phase)
         memory = phase_memory(config, model, phase, data, optimizer, device, windows)
@@ -62,29 +50,6 @@ def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", wi
             "memory": memory,
         })
     return rows
-
-
-def phase_memory(config: StackWiseConfig, model: StackWiseModel, phase: Phase, data: dict[str, Any], optimizer: Any,
-                 device: str, windows: Any) -> MemoryEstimate:
-    autocast = device == "cuda" and config.run.precision in ("auto", "bf16")
-    cache_on = cache_off_reason(config.run.activation_cache, first_trainable_stack(model),
-                                data["objective"], data["mask_rate"]) is None
-    return estimate_phase(
-        model,
-        batch_size=data["batch_size"], seq_len=data["seq_len"], objective=data["objective"],
-        mask_fraction=_mask_fraction(data), optimizer_type=optimizer.optimizer_type, momentum=optimizer.momentum,
-        grad_accum_steps=config.training.grad_accum_steps, device=device, autocast_bf16=autocast,
-        cache_windows=windows(data["seq_len"]) if (cache_on and windows) else 0,
-    )
-
-
-def _mask_fraction(data: dict[str, Any]) -> float:
-    if data["objective"] == "mlm":
-        rate = data["mask_rate"]
-        return max(rate.start, rate.end) if isinstance(rate, Ramp) else rate
-    if data["objective"] == "diffusion":
-        return sum(data["mask_range"]) / 2
-    return 1.0
 
 
 def memory_table(rows: list[dict[str, Any]], device: str) -> str:

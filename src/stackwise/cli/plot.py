@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed or assumed
 import matplotlib.pyplot as plt
 
+from stackwise.cli.outputs import output_folder_problem
 from stackwise.config import StackWiseConfig
 from stackwise.training.logger import read_metrics
 
@@ -17,8 +18,28 @@ class PlotError(ValueError):
     pass
 
 
+def check_plot_path(out: Path) -> None:
+    """Refuse, before drawing, an output path matplotlib cannot write: a suffix that names no
+    image format it knows, a missing folder, a folder or a read-only place."""
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        known = ", ".join(f".{f}" for f in sorted(formats))
+        raise PlotError(f"--out {out}: {f'.{suffix}' if suffix else 'no suffix'} is not an image format; use one of {known}")
+    if out.is_dir():
+        raise PlotError(f"--out {out}: is a folder; give a file name such as {out / 'loss.png'}")
+    problem = output_folder_problem(out)
+    if problem:
+        raise PlotError(f"--out {out}: {problem}")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
+    if out is not None:
+        check_plot_path(Path(out))
     records = read_metrics(run_dir)
     steps = [r for r in records if r.get("kind") == "step"]
     if not steps:
@@ -45,8 +66,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     out = Path(out) if out else run_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        fig.savefig(out)
+    except OSError as err:
+        raise PlotError(f"{out}: cannot write the plot: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -3,16 +3,24 @@
 Two processes (two runs, or the ranks of one torchrun) may build the same cache entry at the same
 time; each writes into its own temporary name and renames it into place, so a reader sees either
 nothing or a complete entry, never a half-written one.
+
+A cache folder that cannot be used (a file where the folder should be, no write permission, a
+read-only file system, a full disk) is one `DataError` naming the folder and the cause. A cache
+that is only read (every entry a run needs is already there) may be read-only.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from stackwise.data.errors import DataError
+
 ENV_VAR = "STACKWISE_CACHE"
+WHERE = "data.cache_dir (or $STACKWISE_CACHE)"
 
 
 def resolve_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -22,6 +30,50 @@ def resolve_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()
     return Path.home() / ".cache" / "stackwise"
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing component of `path` (itself or an ancestor) that is not a folder."""
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            return None if part.is_dir() else part
+    return None
+
+
+def check_cache_dir(path: Path) -> None:
+    """Refuse at once a cache location that can never be a folder (it, or a folder above it, is a file)."""
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"cannot be created: {blocker} is a file"
+        raise DataError(f"{WHERE}: the cache folder {path} {where}, not a folder; "
+                        "point data.cache_dir at a folder (it is created if missing)", path)
+
+
+def cache_error(path: Path, err: OSError, doing: str) -> DataError:
+    """One message for a cache write that failed: the folder, what was being done and why."""
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and _blocking_file(path) is not None:
+        return DataError(f"{WHERE}: {path} cannot be a folder: {_blocking_file(path)} is a file; "
+                         "point data.cache_dir at a folder", path)
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make it writable or point data.cache_dir at a writable folder"
+    elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or point data.cache_dir at a folder on another disk"
+    else:
+        fix = "point data.cache_dir at a writable folder"
+    return DataError(f"{WHERE}: {doing} in {path} failed ({err.strerror or err}); {fix}", path)
+
+
+def ensure_writable(path: Path, doing: str) -> None:
+    """Create the cache folder `path` if needed and prove it writable with a probe file, so a
+    read-only cache is reported before expensive work (tokenizing, training a BPE) is done."""
+    check_cache_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise cache_error(path, err, doing) from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -18,12 +18,16 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import stat
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stackwise.data.errors import DataError
+from stackwise.data.files import check_regular, not_regular, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,8 @@ def _expand(path_str: str) -> list[Path]:
             path,
         )
     if not path.is_dir():
+        # A FIFO would block the read forever and /dev/zero never ends: only regular files are corpora.
+        check_regular(path, "data.paths", "list regular text or .jsonl files (or folders of them)")
         return [path]
     files = sorted(
         (f for f in path.rglob("*") if _wanted(f, path)), key=lambda f: f.relative_to(path).as_posix()
@@ -140,9 +146,20 @@ def _expand(path_str: str) -> list[Path]:
 
 def _wanted(file: Path, root: Path) -> bool:
     parts = file.relative_to(root).parts
-    if any(part.startswith(".") for part in parts) or not file.is_file():
+    if any(part.startswith(".") for part in parts):
         return False  # .git, .DS_Store and editor swap files are not corpus text
-    return file.suffix.lower() in TEXT_SUFFIXES or file.suffix.lower() == JSONL_SUFFIX
+    if file.suffix.lower() not in TEXT_SUFFIXES and file.suffix.lower() != JSONL_SUFFIX:
+        return False
+    try:
+        mode = os.stat(file).st_mode  # follows symlinks, as reading would
+    except OSError:
+        return False  # a dangling symlink: nothing to read
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: refuse it, named
+        raise not_regular(file, mode, f"data.paths (in folder {root})",
+                          "remove it from the folder, or list the corpus files in data.paths")
+    return True
 
 
 def _unique(files: Iterable[Path]) -> list[Path]:
@@ -158,12 +175,7 @@ def _unique(files: Iterable[Path]) -> list[Path]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise DataError(
-            f"{path}: cannot read the file ({err.strerror}); check its permissions", path
-        ) from None
+    return read_regular(path, "data.paths", "list regular text or .jsonl files (or folders of them)")
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -193,6 +205,12 @@ def _jsonl_documents(data: bytes, path: Path, text_field: str) -> tuple[list[Doc
             raise DataError(
                 f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
                 "each line of a .jsonl file must be one JSON object",
+                path,
+            ) from None
+        except RecursionError:
+            raise DataError(
+                f"{path} line {number}: JSON nested too deeply to read (more than about "
+                f"{sys.getrecursionlimit()} levels); each line must be one JSON object with a '{text_field}' string",
                 path,
             ) from None
         value = record.get(text_field) if isinstance(record, dict) else None

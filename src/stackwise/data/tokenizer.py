@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stackwise.data.cache import atomic_write_text, resolve_cache_dir
+from stackwise.data.cache import atomic_write_text, cache_error, ensure_writable, resolve_cache_dir
 from stackwise.data.errors import DataError
+from stackwise.data.files import read_regular
 
 if TYPE_CHECKING:
     from stackwise.config import DataConfig
@@ -213,11 +215,15 @@ class BPETokenizer(Tokenizer):
         return cls(hf, source=f"<BPE-{vocab_size} trained in memory>")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> BPETokenizer:
+    def from_file(cls, path: str | os.PathLike[str], text: str | None = None) -> BPETokenizer:
+        """Load a `tokenizer.json` (`text`: its content, when the caller has already read it).
+        Only a regular file is read: a FIFO or a device in its place is a DataError, not a hang."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        if text is None:
+            text = _read_tokenizer_text(Path(path))
         try:
-            hf = HFTokenizer.from_file(str(path))
+            hf = HFTokenizer.from_str(text)
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise DataError(
                 f"{path}: not a valid tokenizer.json ({err}); point data.tokenizer.path at a tokenizers file",
@@ -269,10 +275,18 @@ _MASK_NAMES = ("[MASK]", "<mask>", "<|mask|>")
 
 
 def _configured_eos(path: Path) -> str | None:
-    """The `eos_token` of a `tokenizer_config.json` next to the tokenizer file, if any."""
+    """The `eos_token` of a `tokenizer_config.json` next to the tokenizer file, if any (an
+    unreadable or malformed one is ignored; a FIFO or device in its place is refused, named)."""
+    config_path = path.parent / "tokenizer_config.json"
+    if not config_path.exists():
+        return None
     try:
-        config = json.loads((path.parent / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(read_regular(config_path, "tokenizer", "remove it or replace it with a regular file"))
+    except DataError as err:
+        if config_path.is_file():  # a regular file we could not read: ignored as before
+            return None
+        raise err from None
+    except (ValueError, RecursionError):
         return None
     eos = config.get("eos_token") if isinstance(config, dict) else None
     if isinstance(eos, dict):  # the AddedToken form
@@ -345,22 +359,40 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / TOKENIZER_FILE
-    if not path.is_file():
+    if not path.exists():
         raise DataError(
             f"{path}: tokenizer file not found; fix data.tokenizer.path or remove it to train one", path
         )
+    text = _read_tokenizer_text(path)
     try:
-        head = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        head = json.loads(text)
+    except json.JSONDecodeError as err:
         raise DataError(
             f"{path}: not a JSON tokenizer file ({err}); point data.tokenizer.path at a tokenizer.json", path
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{path}: JSON nested too deeply to read (more than about {sys.getrecursionlimit()} levels); "
+            "not a tokenizer.json: point data.tokenizer.path at one",
+            path,
         ) from None
     kind = head.get("stackwise_tokenizer") if isinstance(head, dict) else None
     if kind == "byte":
         return ByteTokenizer()
     if kind == "dummy":
         return DummyTokenizer(int(head["vocab_size"]))
-    return BPETokenizer.from_file(path)
+    return BPETokenizer.from_file(path, text)
+
+
+def _read_tokenizer_text(path: Path) -> str:
+    """The text of a tokenizer file: a regular file (never a FIFO or device), UTF-8."""
+    data = read_regular(path, "data.tokenizer.path", "point it at a tokenizer.json file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not a JSON tokenizer file ({err}); point data.tokenizer.path at a tokenizer.json", path
+        ) from None
 
 
 def bpe_cache_key(train_texts: Sequence[str], vocab_size: int) -> str:
@@ -409,6 +441,7 @@ def _cached_bpe(train_texts: Sequence[str], vocab_size: int, cache_dir: Path) ->
             return BPETokenizer.from_file(path)
         except DataError as err:  # a damaged cache entry is rebuilt, not fatal
             log.warning("ignoring damaged cached tokenizer: %s", err)
+    ensure_writable(path.parent, "saving the trained BPE tokenizer")  # before training, not after
     tokenizer = BPETokenizer.train(train_texts, vocab_size)
     if tokenizer.vocab_size < vocab_size:
         log.info(
@@ -416,7 +449,10 @@ def _cached_bpe(train_texts: Sequence[str], vocab_size: int, cache_dir: Path) ->
             tokenizer.vocab_size,
             vocab_size,
         )
-    tokenizer.save(path)
+    try:
+        tokenizer.save(path)
+    except OSError as err:
+        raise cache_error(path.parent, err, "saving the trained BPE tokenizer") from None
     tokenizer.source = str(path)
     return tokenizer
 

@@ -1,9 +1,10 @@
 """The framework: specs that describe each plane, the adapters the machine drives, and the
-factories that build each plane from a config or accept a ready-made object."""
+factories that build each plane from a config or accept a ready-made object.
 
-# Adapters and factories import the model and training packages, which import the specs above.
-from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
-from stackwise.framework.factories import build_data_loader, build_model, build_optimizer
+One public face over three homes, imported in one direction only: the specs live in
+`stackwise.specs` (below everything), the adapters and factories in `stackwise.training`
+(`adapters.py`, `factories.py`), which never imports this package."""
+
 from stackwise.specs import (
     BatchSpec,
     DataSpec,
@@ -15,6 +16,8 @@ from stackwise.specs import (
     SpecError,
     validate_training_state,
 )
+from stackwise.training.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
+from stackwise.training.factories import build_data_loader, build_model, build_optimizer
 
 __all__ = [
     "BatchSpec",

@@ -7,6 +7,7 @@ ends and picks the algorithm from the run's objective. See docs/generation.md.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def _generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A private generator: a seed makes a run reproducible without touching torch's global RNG."""
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()  # fresh, non-deterministic
@@ -51,8 +54,8 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator:
 
 
 def _check_sampling(temperature: float, top_k: int | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for no filtering), got {top_k}")
 
@@ -86,6 +89,7 @@ def sample_tokens(
     """Pick one id per row of `logits` (N, V). Returns (ids (N,), confidence (N,)): the
     probability the (tempered, filtered) distribution gives the picked id. At temperature 0
     the pick is the argmax and its confidence is the plain softmax probability."""
+    _check_sampling(temperature, top_k)
     logits = logits.float().masked_fill(banned, float("-inf"))
     if temperature == 0:
         probs = logits.softmax(-1)

@@ -21,8 +21,8 @@ __all__ = [
     "WandbLogger",
 ]
 
-# The machine drives the framework's adapters, which are built from this package's parts
-# (loader, optimizer, schedule): importing it lazily keeps `stackwise.framework` importable first.
+# Imported on first use: the machine pulls in most of the package (and torch.distributed), which
+# `import stackwise.training` alone should not pay for.
 _LAZY = {
     "TrainingMachine": "stackwise.training.machine",
     "TrainResult": "stackwise.training.machine",

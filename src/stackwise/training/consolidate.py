@@ -11,18 +11,19 @@ import os
 import shutil
 from pathlib import Path
 
-from stackwise.model.lora import flat_state
-from stackwise.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from stackwise.training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, model_tensors
 from stackwise.training.machine import TrainingMachine
+from stackwise.training.run_dir import RunDirectory
 
 _RUN_FILES = ("config.yaml", "tokenizer.json", "metrics.jsonl")
-_COMPUTED = ("sha256", "meta_sha256", "format_version", "step")  # CheckpointManager writes these afresh
+_COMPUTED = ("sha256", "meta_sha256", "format_version", "step", "tied")  # written afresh
 
 
 def consolidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                 checkpoint: str | os.PathLike[str] | None = None) -> Path:
     """Write `checkpoint` (default: the run's newest good one) in the one-process format into a
-    new run directory `out_dir`; returns the checkpoint folder written."""
+    new run directory `out_dir`; returns the checkpoint folder written. The source run is only
+    read; if writing fails (a full disk), what was made of `out_dir` is removed again."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new folder")
@@ -32,12 +33,22 @@ def consolidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     state = {k: v for k, v in ckpt.state.items() if k != "optimizer_layout"}
     optimizer = machine.optim.optimizer
     state["optimizer"] = optimizer.state_dict() if optimizer else {}
-    meta = {k: v for k, v in ckpt.meta.items() if k not in _COMPUTED}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in _RUN_FILES:
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out_dir / name)
-    return CheckpointManager(out_dir).save(ckpt.step, flat_state(machine.model), state, meta)
+    tensors, tied = model_tensors(machine.model)
+    meta = {**{k: v for k, v in ckpt.meta.items() if k not in _COMPUTED}, "tied": tied}
+    target = RunDirectory.create(None, out_dir, "--out")  # checked, locked; removed again if anything fails
+    try:
+        for name in _RUN_FILES:
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, out_dir / name)
+        path = CheckpointManager(out_dir).save(ckpt.step, tensors, state, meta)
+    except OSError as err:
+        target.abandon()
+        raise CheckpointError(f"{out_dir}: writing the consolidated run failed ({err})") from None
+    except BaseException:
+        target.abandon()
+        raise
+    target.release()
+    return path
 
 
 def _newest(run_dir: Path) -> Path:

@@ -51,6 +51,41 @@ class DistContext:
         return self.mode == "fsdp"
 
 
+def pick_device(name: str, ctx: DistContext) -> torch.device:
+    """The device of `run.device` for this rank (cuda:LOCAL_RANK under torchrun)."""
+    from stackwise.training.errors import TrainingError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("run.device is 'cuda' but no CUDA device is available; use run.device=cpu or auto")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ctx.local_rank) if ctx.active else torch.device("cuda")
+
+
+def check_run(ctx: DistContext, config: Any, schedule: Any, given_model: bool) -> None:
+    """What a distributed run needs of its config, checked before anything is built: no
+    run.compile, no model object under FSDP, every phase's batch split evenly over the ranks
+    and micro-batches."""
+    from stackwise.training.errors import TrainingError
+    from stackwise.training.schedule import resolve_data
+
+    if not ctx.active:
+        return
+    if config.run.compile:
+        raise TrainingError("run.compile is not supported in a distributed run yet; set run.compile=false")
+    if ctx.sharded and given_model:
+        raise TrainingError("run.distributed=fsdp rebuilds the model from the config at each phase; "
+                            "pass the model through the config, not as an object")
+    parts = config.training.grad_accum_steps * ctx.world_size
+    for phase in schedule.phases:
+        size = resolve_data(config, phase, tau=None)["batch_size"]
+        if size % parts:
+            raise TrainingError(
+                f"phase {phase.name!r}: batch size {size} does not split into {ctx.world_size} ranks × "
+                f"{config.training.grad_accum_steps} micro-batches; make training.batch_size (and any "
+                f"phase data_config.batch_size) a multiple of {parts}")
+
+
 def launched_world_size() -> int:
     """Ranks torchrun started (1 when run as a plain process)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,9 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stackwise.config import ConfigError, StackWiseConfig
+from stackwise.config import ConfigError, StackWiseConfig, parse_config_yaml, read_config_file
 from stackwise.training.schedule import PhaseSchedule, step_at
 
 _TIME_KEYS = ("start_t", "end_t", "start_step", "end_step")
@@ -68,10 +66,8 @@ def _extension_phases(extension: str | os.PathLike[str] | list[dict[str, Any]] |
     if isinstance(extension, list):
         return [dict(p) for p in extension]
     path = Path(extension)
-    try:
-        body = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError([("", f"cannot read the extension: {err}", str(path))], str(path)) from None
+    # A regular file of bounded size, safe YAML with depth and alias expansion bounded (config.py).
+    body = parse_config_yaml(read_config_file(path, what="extension"), str(path))
     if not isinstance(body, dict) or set(body) != {"schedule"} or not isinstance(body["schedule"], list) \
             or not body["schedule"] or not all(isinstance(p, dict) for p in body["schedule"]):
         raise ConfigError([("schedule", "an extension file holds exactly one key, schedule: a list of phases "

@@ -224,6 +224,9 @@ def _source_model(source: Source) -> StackWiseModel:
     config = with_growth_schedule(source.run_config)
     ckpt = source.checkpoint
     schedule = PhaseSchedule.from_config(config, int(ckpt.meta["total_steps"]))
+    if int(ckpt.state["phase_index"]) >= len(schedule.phases):  # a forged checkpoint (the schema checks the rest)
+        raise ConfigError([(FIELD, f"{ckpt.path}: phase_index {ckpt.state['phase_index']} is beyond the run's "
+                                   f"{len(schedule.phases)} phases", str(source.path))])
     with torch.random.fork_rng(devices=[]):
         model = StackWiseModel(config.model, vocab_size=source.vocab_size)
         for i in range(int(ckpt.state["phase_index"]) + 1):

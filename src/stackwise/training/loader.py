@@ -20,7 +20,7 @@ import torch
 
 from stackwise.config import Ramp, StackWiseConfig, value_at
 from stackwise.data.batch import Batch
-from stackwise.data.cache import resolve_cache_dir
+from stackwise.data.cache import check_cache_dir, resolve_cache_dir
 from stackwise.data.corpus import describe, load_corpus, split_corpus
 from stackwise.data.dummy import dummy_token_splits
 from stackwise.data.errors import DataError
@@ -30,7 +30,7 @@ from stackwise.data.tokenizer import DummyTokenizer, Tokenizer, build_tokenizer,
 from stackwise.training.schedule import data_settings
 
 if TYPE_CHECKING:
-    from stackwise.framework import BatchSpec
+    from stackwise.specs import BatchSpec
 
 # Validation corruption does not depend on training.seed or the phase, so runs with different
 # seeds, and different phases with the same settings, are scored on exactly the same inputs.
@@ -70,6 +70,8 @@ class ProgressiveDataLoader:
         self.cache_dir = resolve_cache_dir(data.cache_dir)
         self._streams: dict[tuple[tuple[str, ...], str], TokenSplits] = {}
         base = (tuple(data.paths), data.text_field)
+        if not data.use_dummy_data:
+            check_cache_dir(self.cache_dir)  # a file where the cache folder should be: before any reading
         if data.use_dummy_data:
             self.tokenizer: Tokenizer = DummyTokenizer(self.config.model.vocab_size or 512)
             self._streams[base] = dummy_token_splits(self.tokenizer)
@@ -137,7 +139,7 @@ class ProgressiveDataLoader:
         return settings
 
     def get_batch_spec(self, tau: float = 0.0) -> BatchSpec:
-        from stackwise.framework import BatchSpec
+        from stackwise.specs import BatchSpec
 
         s = self._settings
         rate = value_at(s.mask_rate, tau) if s.objective == "mlm" else None
@@ -210,7 +212,10 @@ class ProgressiveDataLoader:
     ) -> Batch:
         s = self._settings
         width = s.seq_len + 1
-        windows = torch.from_numpy(tokens[window_ids[:, None] * width + np.arange(width)].astype(np.int64))
+        gathered = tokens[window_ids[:, None] * width + np.arange(width)]
+        if gathered.size and int(gathered.max()) >= self.tokenizer.vocab_size:
+            self._bad_ids(tokens, window_ids, gathered, width)
+        windows = torch.from_numpy(gathered.astype(np.int64))
         ids = window_ids.tolist()
         if s.objective == "clm":
             c = clm(windows)
@@ -246,6 +251,20 @@ class ProgressiveDataLoader:
             n_target_tokens=int(targets.numel()),
             n_target_bytes=int(self._byte_lengths[targets].sum()),
             mask_rates=c.mask_rates,
+        )
+
+    def _bad_ids(self, tokens: np.ndarray, window_ids: np.ndarray, gathered: np.ndarray, width: int) -> None:
+        """Token ids beyond the vocabulary can only come from a damaged (or foreign) token file:
+        name it, never let an IndexError (or a device-side assert on CUDA) happen downstream."""
+        split = "train" if tokens is self._tokens.train else "val"
+        row, col = np.argwhere(gathered >= self.tokenizer.vocab_size)[0]
+        position = int(window_ids[row]) * width + int(col)
+        source = self._tokens.source(split)
+        folder = f"delete {os.path.dirname(source)} to rebuild it" if self._tokens.train_file else "check the data"
+        raise DataError(
+            f"{source}: token id {int(gathered[row, col])} at position {position} is outside the tokenizer's "
+            f"vocabulary ({self.tokenizer.vocab_size} ids): the token file is damaged; {folder}",
+            source,
         )
 
     # ---- corpora ----------------------------------------------------------------------------

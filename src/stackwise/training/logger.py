@@ -2,16 +2,26 @@
 
 On a terminal the console shows a tqdm bar; elsewhere (CI, pipes) it prints one plain line per
 logged step, because tqdm writes carriage-return updates that become one garbled line in logs.
+Both count steps done: the line of step index 149 of a 150-step run reads `step 150/150`, and the
+bar ends at 150/150.
+
+metrics.jsonl is handled as bytes when it is counted or cut back (a damaged line, even one that
+is not UTF-8, is kept as it is rather than crash a resume) and read line by line, skipping lines
+that are not JSON. A failed write (a full disk) is one TrainingError naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from stackwise.training.errors import TrainingError
 
 
 def _jsonable(value: Any) -> Any:
@@ -24,7 +34,8 @@ class MetricsLogger:
     """One JSON object per logged step (`"kind": "step"`) and per event (`transition`, `eval`, ...)."""
 
     def __init__(
-        self, run_dir: str | Path | None, total_steps: int, console: bool = True, stream: TextIO | None = None
+        self, run_dir: str | Path | None, total_steps: int, console: bool = True, stream: TextIO | None = None,
+        start_step: int = 0,
     ):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.total_steps = total_steps
@@ -37,14 +48,17 @@ class MetricsLogger:
         self.lines = 0  # records in metrics.jsonl; a checkpoint stores it so resume can truncate
         if self.run_dir is not None:
             path = self.run_dir / "metrics.jsonl"
-            self.lines = len(path.read_text(encoding="utf-8").splitlines()) if path.exists() else 0
-            self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            try:
+                self.lines = len(_lines(path.read_bytes())) if path.exists() else 0
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except OSError as err:
+                raise TrainingError(f"{path}: cannot open the run's metrics ({err.strerror or err})") from None
             self._tb = _tensorboard_writer(self.run_dir / "tb")
             self._tb_missing = self._tb is None
         if console and _is_terminal(self.stream):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, file=self.stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True, leave=True)
 
     @staticmethod
     def truncate(run_dir: str | Path, keep_lines: int) -> int:
@@ -53,18 +67,31 @@ class MetricsLogger:
         path = Path(run_dir) / "metrics.jsonl"
         if not path.exists():
             return 0
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines[:keep_lines] if line.endswith("\n")]  # a torn last line goes too
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            lines = _lines(path.read_bytes())
+            kept = [line for line in lines[:keep_lines] if line.endswith(b"\n")]  # a torn last line goes too
+            if len(kept) == len(lines):
+                return 0  # nothing to cut: the file is left as it is
+            tmp = path.with_suffix(".jsonl.tmp")
+            with open(tmp, "wb") as f:
+                f.write(b"".join(kept))
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except OSError as err:
+            raise TrainingError(f"{path}: cutting it back to the checkpoint's records failed ({err.strerror or err})") \
+                from None
         return len(lines) - len(kept)
 
     def record(self, kind: str, **fields: Any) -> None:
         entry = {"kind": kind, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in fields.items()}}
         if self._file is not None:
-            self._file.write(json.dumps(entry) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(entry) + "\n")
+                self._file.flush()
+            except OSError as err:
+                raise TrainingError(f"{self.run_dir / 'metrics.jsonl'}: writing failed ({err.strerror or err})") \
+                    from None
             self.lines += 1
         if self._tb is not None and "step" in fields:
             for key, value in fields.items():
@@ -73,14 +100,15 @@ class MetricsLogger:
 
     def step(self, **fields: Any) -> None:
         self.record("step", **fields)
+        done = fields["step"] + 1  # steps done, counting this one
         if self._bar is not None:
-            self._bar.n = fields["step"]
+            self._bar.n = done
             self._bar.set_postfix_str(
                 f"{fields.get('phase', '')} loss {fields.get('loss', float('nan')):.4f}"
             )
         elif self.console:
             self.say(
-                f"step {fields['step']:>6}/{self.total_steps}  t={fields['t']:.3f}  {fields.get('phase', '')}  "
+                f"step {done:>6}/{self.total_steps}  t={fields['t']:.3f}  {fields.get('phase', '')}  "
                 f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  {fields.get('tokens_per_s', 0):,.0f} tok/s"
             )
 
@@ -111,7 +139,8 @@ class MetricsLogger:
             self._bar.close()
             self._bar = None
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a write that failed was already reported
+                self._file.close()
             self._file = None
         if self._tb is not None:
             self._tb.close()
@@ -134,14 +163,23 @@ def _tensorboard_writer(path: Path) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (torn lines skipped)."""
+    """All records of a run's metrics.jsonl (torn or damaged lines skipped)."""
     records = []
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in _lines(path.read_bytes()):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """The lines of metrics.jsonl, each with its newline (the last one may lack it: torn)."""
+    lines = data.split(b"\n")
+    out = [line + b"\n" for line in lines[:-1]]
+    return [*out, lines[-1]] if lines[-1] else out

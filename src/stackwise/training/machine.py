@@ -13,98 +13,45 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import resource
-import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stackwise import __version__
 from stackwise.config import StackWiseConfig
 from stackwise.data.batch import Batch
-from stackwise.framework.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
-from stackwise.framework.factories import build_data_loader, build_model
-from stackwise.model import StackWiseModel, quant
-from stackwise.model.lora import flat_state, flatten_state, load_flat_state, load_nf4_state, nf4_state
+from stackwise.model import StackWiseModel
+from stackwise.model.lora import flatten_state, load_flat_state
 from stackwise.specs import validate_training_state
 from stackwise.training import distributed
+from stackwise.training.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
 from stackwise.training.cache import TrunkCache, cache_off_reason
 from stackwise.training.callbacks import Callback, Events, RunView, build_callbacks, frozen
-from stackwise.training.checkpoint import (
-    DCP_DIR,
-    Checkpoint,
-    CheckpointError,
-    CheckpointManager,
-    load_checkpoint,
-    load_dcp,
-    save_dcp,
-)
-from stackwise.training.extend import extended_config
+from stackwise.training.checkpoint import CheckpointManager
+from stackwise.training.errors import TrainingError
+from stackwise.training.factories import build_data_loader, build_model
+from stackwise.training.finite import UpdateUndo, group_params_finite
+from stackwise.training.fits import check_fits
 from stackwise.training.forward import LossForward
 from stackwise.training.init_from import initial_optimizer_state, load_initial_weights, resolve_init_from
+from stackwise.training.lifecycle import Lifecycle, evaluation_machine, on_main, resumed_config
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
 from stackwise.training.metrics import bits_per_byte
-from stackwise.training.optimizer import (
-    group_grad_norms,
-    load_state_by_name,
-    optimizer_param_names,
-    saved_state_by_name,
-    state_by_name,
-)
+from stackwise.training.optimizer import group_grad_norms, load_state_by_name
 from stackwise.training.progressive import apply_model_phase, with_growth_schedule
-from stackwise.training.schedule import Phase, PhaseSchedule, TimeController, resolve_data
+from stackwise.training.result import Planes, TrainResult, Transition
+from stackwise.training.run_dir import RunDirectory
+from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
+from stackwise.training.signals import StopSignals
+from stackwise.training.structure import planned_racks
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, unusable run directory, ...); the message says why."""
-
-
-@dataclass
-class Transition:
-    step: int
-    t: float
-    from_phase: str
-    to_phase: str
-
-
-@dataclass
-class Planes:
-    """The current triplet (Data_t, Model_t, Optimizer_t)."""
-
-    data: DataAdapter
-    model: StackWiseModel
-    optimizer: torch.optim.Optimizer
-
-
-@dataclass
-class TrainResult:
-    final_train_loss: float
-    final_val_loss: float | None
-    final_val_bpb: float | None
-    tokens_seen: int
-    steps: int
-    wall_time: float
-    transitions: list[Transition] = field(default_factory=list)
-    run_dir: str | None = None
-    losses: list[float] = field(default_factory=list)
-    stopped: str | None = None  # the signal that stopped the run early (SIGTERM, SIGINT), if any
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("losses")
-        return out
+__all__ = ["Planes", "TrainResult", "TrainingError", "TrainingMachine", "Transition"]
 
 
 class TrainingMachine:
@@ -113,7 +60,9 @@ class TrainingMachine:
     `run_dir`: where metrics, checkpoints and the resolved config go. Default: a new folder
     `run.dir/run.name` (suffixed -2, -3, ... rather than overwrite). `run_dir=False` keeps
     everything in memory (no files). `resume=RUN_DIR` continues that run from its newest good
-    checkpoint. `model` / `data` accept ready-made objects instead of building them.
+    checkpoint. `model` / `data` accept ready-made objects instead of building them. The machine
+    holds the run directory's lock until `train()` returns (`close()` releases it earlier); a
+    start that fails leaves nothing behind (training/run_dir.py).
     `callbacks`: `Callback` objects told of the run's events (docs/events.md), besides the loggers
     named in `run.loggers`.
     """
@@ -135,16 +84,42 @@ class TrainingMachine:
         # A new run resolves `model.init_from` (shapes, tokenizer) and later loads its weights; a
         # resumed run (or one `restoring` a checkpoint, as for_evaluation does) has both already.
         fresh = resume is None and not restoring
-        config = StackWiseConfig.load(config)
+        self._resolve(StackWiseConfig.load(config), total_steps, resume, extend, fresh)
+        self.dist = distributed.setup(self.config.run.distributed, self.config.run.device)
+        distributed.check_run(self.dist, self.config, self.schedule, given_model=model is not None)
+        self.device = distributed.pick_device(self.config.run.device, self.dist)
+        # Every phase's model plane replayed on a shapes-only model: a phase that cannot be applied
+        # is a config error now, before anything is created, not once the earlier phases trained.
+        self._given_model = model is not None
+        if fresh and not self._given_model:  # sizes the device cannot hold (run.memory_check: false skips)
+            check_fits(self.config, self.total_steps, self.device.type)
+        self._planned = None if self._given_model else planned_racks(self.config, self.total_steps)
+        # Before any folder is made; a machine restoring a checkpoint for evaluation opens no loggers.
+        self.events = Events(build_callbacks(self.config, callbacks, self.dist.is_main, config_loggers=not restoring),
+                             self._view, lambda: self.log)
+        self.autocast_dtype = _autocast_dtype(self.config.run.precision, self.device)
+        if self.config.run.threads:
+            torch.set_num_threads(self.config.run.threads)
+        self.lifecycle = Lifecycle(self)
+        self.run = self._open_run_dir(run_dir, resume)
+        try:
+            self._build(model, data, console, fresh, resume is not None)
+        except BaseException:
+            if hasattr(self, "log"):
+                self.log.close()
+            if self.run is not None:
+                self.run.abandon()  # a failed start leaves nothing behind
+            raise
+
+    def _resolve(self, config: StackWiseConfig, total_steps: int | None, resume: Any, extend: Any, fresh: bool) -> None:
+        """The run's config, length, schedule and clock (a resume: the run's own, extended by
+        `--steps N` / `--extend`, and the config on record to compare with)."""
         self.config = with_growth_schedule(resolve_init_from(config) if fresh else config)
+        self._recorded: StackWiseConfig | None = None  # a resumed run's config on record
         self._extended_from: int | None = None
         if resume is not None:
-            self.config = _with_run_tokenizer(self.config, Path(resume))
-            recorded = self.config.training.total_steps
-            if extend is not None or (recorded is not None and total_steps not in (None, recorded)):
-                # `--resume RUN --steps N`: the run continues past its end (training/extend.py).
-                self._extended_from = self.config.resolved_total_steps()
-                self.config, total_steps = extended_config(self.config, total_steps, extend), None
+            self.config, total_steps, self._recorded, self._extended_from = \
+                resumed_config(self.config, Path(resume), total_steps, extend)
         elif extend is not None:
             raise TrainingError("extend= continues an existing run: pass resume=RUN_DIR too")
         self.total_steps = self.config.resolved_total_steps(total_steps)
@@ -153,22 +128,30 @@ class TrainingMachine:
             self.config = self.config.with_overrides([f"training.total_steps={self.total_steps}"])
         self.schedule = PhaseSchedule.from_config(self.config, self.total_steps)
         self.time = TimeController(self.total_steps)
-        self.dist = distributed.setup(self.config.run.distributed, self.config.run.device)
-        self._check_distributed(model)
-        self.device = _pick_device(self.config.run.device, self.dist)
-        # Before any folder is made; a machine restoring a checkpoint for evaluation opens no loggers.
-        self.events = Events(build_callbacks(self.config, callbacks, self.dist.is_main, config_loggers=not restoring),
-                             self._view, lambda: self.log)
-        self.autocast_dtype = _autocast_dtype(self.config.run.precision, self.device)
-        if self.config.run.threads:
-            torch.set_num_threads(self.config.run.threads)
-        self.run_dir = _on_main(self.dist, lambda: _prepare_run_dir(self.config, run_dir, resume))
-        if self.run_dir is not None and resume is None and self.dist.is_main:  # a resumed run rewrites it once restored
-            self.config.to_yaml(self.run_dir / "config.yaml")
-        torch.manual_seed(self.config.training.seed)
 
-        loader = build_data_loader(data if data is not None else self.config,
-                                   run_dir=self.run_dir if self.dist.is_main else None)
+    def _open_run_dir(self, run_dir: Any, resume: Any) -> RunDirectory | None:
+        """Rank 0 opens and locks the run directory (training/run_dir.py); every rank learns its path."""
+        if run_dir is False:
+            if resume is not None:
+                raise TrainingError("resume needs a run directory")
+            self.run_dir = None
+            return None
+        opened: list[RunDirectory] = []
+
+        def open_dir() -> str:
+            opened.append(RunDirectory.reopen(resume) if resume is not None else RunDirectory.create(self.config.run, run_dir))
+            return str(opened[0].path)
+
+        self.run_dir = Path(on_main(self.dist, open_dir))
+        return opened[0] if opened else None
+
+    def _build(self, model: StackWiseModel | None, data: Any, console: bool, fresh: bool, resuming: bool) -> None:
+        if self.run is not None and not resuming:
+            self.run.write_file("config.yaml", self.config.to_yaml())  # a resumed run writes it once checked
+        torch.manual_seed(self.config.training.seed)
+        # The tokenizer is saved with a new run; a resumed one has it (and must not rewrite it).
+        keep_tokenizer = self.run is not None and not (resuming and (self.run_dir / "tokenizer.json").exists())
+        loader = build_data_loader(data if data is not None else self.config, run_dir=self.run_dir if keep_tokenizer else None)
         self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size)
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
         self._initial_optimizer_state: dict[str, Any] = {}
@@ -181,9 +164,18 @@ class TrainingMachine:
         if spill is not None and self.dist.active:
             spill = spill / f"rank{self.dist.rank}"  # each rank caches its own samples
         self.cache = TrunkCache(self.config.run.cache_ram_mb, spill)
+        self._init_state()
+        self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
+        # Metrics and console lines come from rank 0 alone; a resume opens metrics.jsonl once checked.
+        self.log = MetricsLogger(self.run_dir if self.dist.is_main and not resuming else None, self.total_steps,
+                                 console=console and self.dist.is_main)
+        if resuming:
+            self.lifecycle.resume()
+
+    def _init_state(self) -> None:
+        """What the machine tracks from step to step, as at step 0."""
         self._loss_unit: LossForward | None = None  # the step's loss as one module call
         self._forward: torch.nn.Module | None = None  # the same, wrapped for DDP / FSDP2
-
         self.phase_index = -1
         self.transitions: list[Transition] = []
         self.losses: list[float] = []
@@ -199,16 +191,14 @@ class TrainingMachine:
         self._first_trainable = 0  # the lowest stack that trains (set per phase)
         self._grad_norm = torch.zeros(())
         self._config_view: Mapping[str, Any] | None = None
-        self.checkpoints = CheckpointManager(self.run_dir, self.config.run.keep_last) if self.run_dir else None
-        self.log = self._logger(console)
-        if resume is not None:
-            self._resume()
+        self._idle = False  # a finished run resumed with nothing left to run
 
-    def _logger(self, console: bool) -> MetricsLogger:
-        """Metrics and console lines come from rank 0 alone."""
-        if self.dist.is_main:
-            return MetricsLogger(self.run_dir, self.total_steps, console=console)
-        return MetricsLogger(None, self.total_steps, console=False)
+    def close(self) -> None:
+        """Close the metrics file and the cache, and release the run directory (train() does this)."""
+        self.cache.close()
+        self.log.close()
+        if self.run is not None:
+            self.run.release()
 
     # ---- callbacks (docs/events.md) ---------------------------------------------------------
 
@@ -220,23 +210,6 @@ class TrainingMachine:
         return RunView(step=self.step, t=self.t, total_steps=self.total_steps, phase=self.schedule.phases[index].name,
                        phase_index=index, run_dir=self.run_dir, config=self._config_view,
                        tokens_seen=self.tokens_seen, last_eval=frozen(self.last_eval))
-
-    def _check_distributed(self, model: StackWiseModel | None) -> None:
-        if not self.dist.active:
-            return
-        if self.config.run.compile:
-            raise TrainingError("run.compile is not supported in a distributed run yet; set run.compile=false")
-        if self.dist.sharded and model is not None:
-            raise TrainingError("run.distributed=fsdp rebuilds the model from the config at each phase; "
-                                "pass the model through the config, not as an object")
-        parts = self.config.training.grad_accum_steps * self.dist.world_size
-        for phase in self.schedule.phases:
-            size = resolve_data(self.config, phase, tau=None)["batch_size"]
-            if size % parts:
-                raise TrainingError(
-                    f"phase {phase.name!r}: batch size {size} does not split into {self.dist.world_size} ranks × "
-                    f"{self.config.training.grad_accum_steps} micro-batches; make training.batch_size (and any "
-                    f"phase data_config.batch_size) a multiple of {parts}")
 
     # ---- what the machine knows at every step -------------------------------------------
 
@@ -350,7 +323,8 @@ class TrainingMachine:
         context = (self.model_plane.trunk_version, index)
         message = self.cache.enter(context, reason, self.data.loader.n_train_windows, settings["seq_len"], self.model.cfg.d_model)
         self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, message=message)
-        self.log.say(message)
+        if first > 0:  # said only where a cache could matter: a frozen trunk below the trainable stacks
+            self.log.say(message)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -399,21 +373,44 @@ class TrainingMachine:
         norm, group_norms = group_grad_norms(optimizer, self.optim.cfg.grad_clip, sharded=self.dist.sharded)
         self._grad_norm = norm
         finite = torch.isfinite(total) & torch.isfinite(norm)
+        skip = self.config.run.on_nonfinite == "skip_step"
+        if skip:  # what the update changes is kept, so a poisoning update can be taken back
+            undo = self.__dict__.setdefault("_undo", UpdateUndo())
+            undo.save(optimizer)
+        try:
+            optimizer.step()
+        except RuntimeError as err:
+            if skip:
+                undo.restore(optimizer)
+            if "overflow" not in str(err):
+                raise
+            # SGD with an lr beyond the weights' dtype: "value cannot be converted to type float without overflow"
+            raise TrainingError(f"the update of step {self.step} (phase {self.phase.name!r}, lr {max(g['lr'] for g in optimizer.param_groups):g}) "
+                                f"failed: {err}; lower the learning rate") from None
+        # The updated weights, checked on the device (finite.py): a finite gradient times a huge
+        # learning rate can still turn them into Inf/NaN, and no checkpoint may hold those.
+        weights_ok = group_params_finite(optimizer, self.device)
         if self.dist.active:  # every rank takes (or skips, or stops at) the same update
-            finite = distributed.all_reduce(finite.to(torch.int32), "min").bool()
-        if self.config.run.on_nonfinite == "skip_step":
-            if not bool(finite):  # the one host sync per step this mode costs
+            flags = distributed.all_reduce(torch.cat([finite.view(1), weights_ok]).to(torch.int32), "min").bool()
+            finite, weights_ok = flags[0], flags[1:]
+        ok = finite & weights_ok.all()
+        if skip:
+            if not bool(ok):  # the one host sync per step this mode costs
+                undo.restore(optimizer)
                 optimizer.zero_grad(set_to_none=True)
-                self.log.record("skip", step=self.step, t=self.t, phase=self.phase.name,
-                                groups=self._group_labels(torch.isfinite(group_norms)))
+                grads_ok = bool(finite)
+                groups = self._group_labels(torch.isfinite(group_norms) if not grads_ok else weights_ok)
+                self.log.record("skip", step=self.step, t=self.t, phase=self.phase.name, groups=groups,
+                                cause="loss or gradient" if not grads_ok else "weights")
                 return total
         else:
-            # Remember the first non-finite step and its group norms on the device; the run
-            # stops at the next host sync (log step or checkpoint), naming that step.
+            # Remember the first non-finite step and its group norms on the device (-inf marks a
+            # group whose weights the update made non-finite); the run stops at the next host
+            # sync (log step or checkpoint), naming that step.
             first = self._first_bad_step < 0
-            self._first_bad_step = torch.where(first & ~finite, self.step, self._first_bad_step)
-            self._bad_group_norms = torch.where(first & ~finite, group_norms, self._bad_group_norms)
-        optimizer.step()
+            self._first_bad_step = torch.where(first & ~ok, self.step, self._first_bad_step)
+            marked = torch.where(finite & ~weights_ok, -torch.inf, group_norms)
+            self._bad_group_norms = torch.where(first & ~ok, marked, self._bad_group_norms)
         optimizer.zero_grad(set_to_none=True)
         return total
 
@@ -431,14 +428,20 @@ class TrainingMachine:
         return [g.get("label", str(i)) for i, (g, ok) in enumerate(zip(groups, finite.tolist(), strict=True)) if not ok]
 
     def _check_finite(self) -> None:
-        """Stop if a non-finite loss or gradient appeared since the last check (a host sync)."""
+        """Stop if a non-finite loss, gradient or updated weight appeared since the last check (a host sync)."""
         bad_step = int(self._first_bad_step)
         if bad_step < 0:
             return
         phase = self.schedule.phase_at_step(bad_step, self.total_steps).name
-        groups = self._group_labels(torch.isfinite(self._bad_group_norms)) or ["(the loss itself)"]
-        message = (f"non-finite loss or gradient at step {bad_step} (t={bad_step / self.total_steps:.4f}, phase {phase!r}), "
-                   f"parameter groups {groups}; no checkpoint was written after it")
+        where = f"step {bad_step} (t={bad_step / self.total_steps:.4f}, phase {phase!r})"
+        poisoned = self._group_labels(~torch.isneginf(self._bad_group_norms))  # see _update
+        if poisoned:  # loss and gradients were finite; the update itself overflowed
+            groups = poisoned
+            message = (f"the update of {where} made the weights of parameter groups {groups} non-finite (NaN/Inf); "
+                       "no checkpoint was written after it")
+        else:
+            groups = self._group_labels(torch.isfinite(self._bad_group_norms)) or ["(the loss itself)"]
+            message = f"non-finite loss or gradient at {where}, parameter groups {groups}; no checkpoint was written after it"
         self.log.record("error", step=bad_step, phase=phase, groups=groups, message=message)
         raise TrainingError(message + ": lower the learning rate, enable gradient clipping, or set run.on_nonfinite=skip_step")
 
@@ -530,19 +533,25 @@ class TrainingMachine:
         checkpoint is written, and the result says `stopped`; a second Ctrl-C interrupts at once.
         """
         self.stopped = None
+        if self._idle:  # a finished run resumed: nothing to run, nothing to write
+            self.close()
+            return self.result()
+        if self.run is not None:
+            self.run.check_owner()
         try:
             self.events.begin()
             self.events.raise_pending()
-            with _StopSignals() as stop:
+            with StopSignals() as stop:
                 # Under torchrun a signal may reach the ranks at different steps: all stop together.
                 while not self.time.done and not distributed.any_true(stop.signal is not None, self.device):
                     self.train_step()
                 self.stopped = stop.signal or ("SIGTERM" if not self.time.done else None)
             if self.stopped:
-                self.save_checkpoint()
-                where = f"; resume with: stackwise train --resume {self.run_dir}" if self.run_dir else ""
+                path = self.save_checkpoint()
                 self.log.record("stop", step=self.step, t=self.t, signal=self.stopped)
-                self.log.say(f"stopped by {self.stopped} after {self.step} steps{where}")
+                # The outcome ("stopped by ...; resume with ...") is the caller's to report: the CLI prints it.
+                self.log.say(f"{self.stopped} received: the run stops at step {self.step}"
+                             + (f" (checkpoint {path})" if path else ""))
                 self.events.emit("on_stop", self.stopped)
             else:
                 if self.losses and not self.last_eval:
@@ -554,8 +563,7 @@ class TrainingMachine:
             self.events.exception(err)
             raise
         finally:
-            self.cache.close()
-            self.log.close()
+            self.close()
         result = self.result()
         self.events.emit("on_run_end", result)
         self.events.raise_pending()
@@ -573,220 +581,24 @@ class TrainingMachine:
             run_dir=str(self.run_dir) if self.run_dir else None,
             losses=list(self.losses),
             stopped=getattr(self, "stopped", None),
+            nothing_to_do=self._idle,
         )
 
-    # ---- checkpoint and resume ----------------------------------------------------------
+    # ---- checkpoint and resume (training/lifecycle.py) -----------------------------------
 
     @classmethod
     def for_evaluation(cls, run_dir: str | os.PathLike[str], *, checkpoint: str | os.PathLike[str] | None = None,
                        **data_settings: Any) -> TrainingMachine:
         """A machine holding a finished (or interrupted) run's newest good checkpoint (or the
         given `checkpoint` folder), for evaluation, generation or export, in one process whatever
-        number of ranks wrote it. Nothing in the run directory is written. `data_settings`
-        (paths, objective, mask_rate, mask_range, seq_len, ...) replace those of the checkpoint's
-        phase, e.g. to score a run on another corpus or with another masking."""
-        run_dir = Path(run_dir)
-        config = _with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
-        if checkpoint is not None:
-            ckpt = load_checkpoint(checkpoint)
-        else:
-            bad: list[str] = []
-            ckpt = CheckpointManager(run_dir).latest_good(on_bad=lambda path, why: bad.append(why))
-            if ckpt is None:
-                detail = f" ({'; '.join(bad)})" if bad else ""
-                raise CheckpointError(f"{run_dir}: no usable checkpoint{detail}")
-        machine = cls(config, run_dir=False, console=False, restoring=True)
-        machine._restore(ckpt)
-        given = {k: v for k, v in data_settings.items() if v is not None}
-        if given:
-            machine.data.settings = {**machine.data.settings, **given}
-            machine.data.loader.configure(**machine.data.settings)
-        return machine
+        number of ranks wrote it. It takes no lock and writes nothing in the run directory.
+        `data_settings` (paths, objective, mask_rate, mask_range, seq_len, ...) replace those of
+        the checkpoint's phase, e.g. to score a run on another corpus or with another masking."""
+        return evaluation_machine(cls, Path(run_dir), checkpoint, data_settings)
 
     def save_checkpoint(self) -> Path | None:
-        if self.checkpoints is None:
-            return None
-        self._check_finite()  # never write a checkpoint after a NaN: the last good one must stay
-        self._flush_losses()  # the history travels with the checkpoint
-        optimizer = self.optim.optimizer
-        state = {
-            "time": self.time.state_dict(),
-            "phase_index": self.phase_index,
-            "optimizer_names": optimizer_param_names(optimizer) if optimizer else [],
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
-            "losses": torch.tensor(self.losses, dtype=torch.float64),
-            "tokens_seen": self.tokens_seen,
-            "wall": self._wall,
-            "transitions": [asdict(tr) for tr in self.transitions],
-            "last_eval": dict(self.last_eval),
-            "metrics_lines": self.log.lines + 1,  # this checkpoint's own record included
-        }
-        if self.device.type == "cuda":
-            state["rng"]["cuda"] = torch.cuda.get_rng_state()
-        meta = {
-            "t": self.t,
-            "phase": self.phase.name,
-            "phase_index": self.phase_index,
-            "total_steps": self.total_steps,
-            "rack": self.model.rack.to_spec().to_dict(),
-            "stackwise_version": __version__,
-        }
-        try:
-            if self.dist.active:
-                path = self._save_sharded(state, meta)
-            else:
-                state["optimizer"] = optimizer.state_dict() if optimizer else {}
-                path = self.checkpoints.save(self.step, flat_state(self.model), state, meta)
-        except OSError as err:
-            good = self.checkpoints.list()
-            kept = f"the previous checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
-            self.log.record("error", step=self.step, message=f"checkpoint write failed: {err}")
-            raise TrainingError(f"writing the checkpoint of step {self.step} failed ({err}); {kept}. "
-                                "Free disk space (or fix the folder's permissions) and resume.") from None
-        self._saved_step = self.step
-        self.log.record("checkpoint", step=self.step, t=self.t, path=str(path))
-        self.events.emit("on_checkpoint", Path(path))
-        return path
-
-    def _save_sharded(self, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """torchrun: every rank writes its shards of the weights and optimizer state (DCP) into
-        rank 0's temporary folder; rank 0 adds the rest and renames the folder into place."""
-        tmp = Path(_on_main(self.dist, lambda: str(self.checkpoints.begin(self.step))))
-        optimizer = self.optim.optimizer
-        moments = state_by_name(optimizer) if optimizer else {}
-        state["optimizer_layout"] = {
-            name: {key: _state_kind(value) for key, value in entries.items()} for name, entries in moments.items()
-        }
-        tensors = {name: {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)} for name, entries in moments.items()}
-        weights = self.model.state_dict()
-        # NF4 weights travel whole, as their plain inner tensors: a 4-bit shard cannot be re-cut
-        # for another number of ranks. They are frozen and small; every rank holds the same copy.
-        nf4 = {name: distributed.full(t) for name, t in weights.items() if quant.is_nf4(distributed.local(t))}
-        dense = {name: t for name, t in weights.items() if name not in nf4}
-        try:
-            save_dcp(tmp / DCP_DIR, {"model": dense, "nf4": flatten_state(nf4), "optim": tensors})
-            failed = None
-        except CheckpointError as err:  # a full disk on any rank fails the save on every rank
-            failed = str(err)
-        failed = distributed.broadcast_object(failed)
-        if failed:
-            if self.dist.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(failed)
-        path = _on_main(self.dist, lambda: str(self.checkpoints.finish(tmp, self.step, state, meta)), OSError)
-        return Path(path)
-
-    def _resume(self) -> None:
-        ckpt = self._newest_good_checkpoint()
-        if ckpt is not None:
-            self._restore(ckpt)
-        if self.dist.is_main:
-            # Records written after the checkpoint belong to steps that will run again.
-            MetricsLogger.truncate(self.run_dir, ckpt.state["metrics_lines"] if ckpt else 0)
-            self.log.close()
-            self.log = MetricsLogger(self.run_dir, self.total_steps, console=self.log.console)
-            if self._extended_from is not None:  # the config the earlier steps ran under stays on record
-                kept = self.run_dir / f"config-{self.step:06d}.yaml"
-                shutil.copy2(self.run_dir / "config.yaml", kept)
-                self.log.record("extend", step=self.step, t=self.t, from_steps=self._extended_from,
-                                to_steps=self.total_steps, previous_config=kept.name)
-                self.log.say(f"extending the run from {self._extended_from} to {self.total_steps} steps "
-                             f"(the earlier config is kept as {kept.name})")
-            self.config.to_yaml(self.run_dir / "config.yaml")
-        if self.phase_index >= 0:  # the restored phase goes on with its cache (and compiled stacks)
-            self._start_phase_services(self.phase, self.phase_index)
-        where = f"from {ckpt.path}" if ckpt else "from step 0: the run stopped before its first checkpoint"
-        self.log.record("resume", step=self.step, t=self.t, checkpoint=str(ckpt.path) if ckpt else None)
-        self.log.say(f"resumed {where} at step {self.step} (t={self.t:.3f}, phase {self.phase.name})")
-
-    def _newest_good_checkpoint(self) -> Checkpoint | None:
-        """Rank 0 tidies the checkpoint folder and picks the newest good checkpoint; every rank
-        then loads that one."""
-
-        def pick() -> str | None:
-            for note in self.checkpoints.recover():
-                self.log.say(f"checkpoints: {note}")
-            bad: list[str] = []
-
-            def skip(path: Path, why: str) -> None:
-                bad.append(why)
-                self.log.say(f"skipping damaged checkpoint: {why}")
-
-            ckpt = self.checkpoints.latest_good(on_bad=skip)
-            if ckpt is None and bad:
-                raise TrainingError(f"{self.run_dir}: every checkpoint is damaged ({'; '.join(bad)}); nothing to resume")
-            return str(ckpt.path) if ckpt else None
-
-        path = _on_main(self.dist, pick)
-        return load_checkpoint(path) if path else None
-
-    def _restore(self, ckpt: Checkpoint) -> None:
-        state = ckpt.state
-        made_for = ckpt.meta.get("total_steps")
-        if made_for != self.total_steps and made_for != self._extended_from:
-            raise CheckpointError(f"{ckpt.path}: made for total_steps={made_for}, this run has {self.total_steps}; "
-                                  f"to continue a run past its end use --steps N (docs/interop.md)")
-        # Structure first: replay the model plane of every phase entered so far, then the weights.
-        index = state["phase_index"]
-        for i in range(index + 1):
-            self.model_plane.enter_phase(self.schedule.phases[i], i)
-        self.model.to(self.device)
-        if self.model.rack.to_spec().to_dict() != ckpt.meta["rack"]:
-            raise CheckpointError(f"{ckpt.path}: the rack it holds does not match the config's curriculum")
-        if not ckpt.sharded:
-            _load_weights(self.model, ckpt)  # whole weights go in before FSDP shards the model
-        else:
-            self._load_sharded_nf4(ckpt)  # so do NF4 weights, stored whole
-        # An extended run keeps its step; its phases were rewritten in steps (training/extend.py).
-        self.time.load_state_dict({**state["time"], "total_steps": self.total_steps})
-        if index >= 0:
-            start_step = self.schedule.step_ranges(self.total_steps)[index][0]
-            self.data.enter_phase(self.schedule.phases[index], index, start_step)
-            self._wrap()
-            self.optim.enter_phase(self.model, self.schedule.phases[index])
-            if optimizer_param_names(self.optim.optimizer) != state["optimizer_names"]:
-                raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
-            if ckpt.sharded:
-                self._load_sharded(ckpt)
-            else:
-                saved = saved_state_by_name(state["optimizer"], state["optimizer_names"])
-                load_state_by_name(self.optim.optimizer, saved, place=distributed.shard_like)
-            self._structure_settled()
-        elif ckpt.sharded:
-            self._load_sharded(ckpt)
-        self.phase_index = index
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate((3, tuple(state["rng"]["python"]), None))
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        self.losses = state["losses"].tolist()
-        self.tokens_seen = state["tokens_seen"]
-        self._wall = state["wall"]
-        self.transitions = [Transition(**tr) for tr in state["transitions"]]
-        self.last_eval = dict(state["last_eval"])
-        self._saved_step = self.step
-
-    def _load_sharded_nf4(self, ckpt: Checkpoint) -> None:
-        nf4 = {name: torch.empty_like(t) for name, t in nf4_state(self.model).items()}
-        if nf4:
-            load_dcp(ckpt.path / DCP_DIR, {"nf4": nf4})
-            load_nf4_state(self.model, nf4)
-
-    def _load_sharded(self, ckpt: Checkpoint) -> None:
-        """Weights and optimizer state from a DCP checkpoint, read straight into this run's
-        layout (whole tensors, or this rank's shards): any number of ranks may have written it."""
-        optimizer = self.optim.optimizer
-        params = dict(zip(optimizer_param_names(optimizer), (p for g in optimizer.param_groups for p in g["params"]),
-                          strict=True)) if optimizer else {}
-        layout = ckpt.state.get("optimizer_layout", {})
-        moments = {name: {key: _empty_state(kind, params[name]) for key, kind in keys.items() if kind != "none"}
-                   for name, keys in layout.items() if name in params}
-        dense = {name: t for name, t in self.model.state_dict().items() if not quant.is_nf4(distributed.local(t))}
-        load_dcp(ckpt.path / DCP_DIR, {"model": dense, "optim": moments})
-        if optimizer:
-            for name, keys in layout.items():  # entries that are None (SGD without momentum)
-                moments.setdefault(name, {}).update({key: None for key, kind in keys.items() if kind == "none"})
-            load_state_by_name(optimizer, moments)
+        """Checkpoint the current step (None without a run directory)."""
+        return self.lifecycle.save()
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -807,87 +619,11 @@ def _split(batch: Batch, parts: int) -> list[Batch]:
     return out
 
 
-def _state_kind(value: Any) -> str:
-    """How an optimizer state entry is stored: like its parameter, a scalar (step), or None."""
-    if value is None:
-        return "none"
-    return "scalar" if value.ndim == 0 else "param"
-
-
-def _empty_state(kind: str, param: torch.Tensor) -> torch.Tensor:
-    """A tensor for DCP to fill: laid out like the parameter, or a step counter."""
-    return torch.zeros_like(param) if kind == "param" else torch.zeros((), dtype=torch.float32)
-
-
-def _on_main(ctx: distributed.DistContext, work: Any, error: type[Exception] = TrainingError) -> Any:
-    """Run `work()` on rank 0 and hand its result (or its error, raised as `error`) to every rank."""
-    if not ctx.active:
-        return work()
-    outcome: tuple[Any, str | None] = (None, None)
-    if ctx.is_main:
-        try:
-            outcome = (work(), None)
-        except (TrainingError, CheckpointError, OSError) as err:
-            outcome = (None, str(err))
-    result, failed = distributed.broadcast_object(outcome)
-    if failed is not None:
-        raise error(failed)
-    return result
-
-
-def _load_weights(model: StackWiseModel, ckpt: Checkpoint) -> None:
-    try:
-        load_flat_state(model, ckpt.tensors)
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the model: {err}") from None
-
-
-class _StopSignals:
-    """Turn SIGTERM/SIGINT into a request to stop after the current step (main thread only)."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def compile_stacks(model: StackWiseModel) -> None:
     """torch.compile each stack once (new stacks are compiled when they appear)."""
     for stack in model.rack:
         if getattr(stack, "_compiled_call_impl", None) is None:
             stack.compile()
-
-
-def _with_run_tokenizer(config: StackWiseConfig, run_dir: Path) -> StackWiseConfig:
-    """A resumed or evaluated run uses the tokenizer it was trained with, saved in its folder."""
-    saved, settings = run_dir / "tokenizer.json", config.data.tokenizer
-    if saved.is_file() and (settings.kind == "bpe" or settings.path is not None) and settings.path != str(saved):
-        # Also when the config names a file elsewhere (an imported model's folder): the run's
-        # copy holds any specials added to it, and the original may be gone.
-        return config.with_overrides([f"data.tokenizer.path={str(saved)!r}"])
-    return config
-
-
-def _pick_device(name: str, ctx: distributed.DistContext) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("run.device is 'cuda' but no CUDA device is available; use run.device=cpu or auto")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", ctx.local_rank) if ctx.active else torch.device("cuda")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -902,26 +638,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def _prepare_run_dir(config: StackWiseConfig, run_dir: Any, resume: Any) -> Path | None:
-    if run_dir is False:
-        if resume is not None:
-            raise TrainingError("resume needs a run directory")
-        return None
-    if resume is not None:
-        path = Path(resume)
-        if not (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
-            raise TrainingError(f"{path}: not a run directory (no config.yaml, no checkpoints); nothing to resume")
-        return path
-    if run_dir is not None:
-        path = Path(run_dir)
-    else:
-        base = Path(config.run.dir) / config.run.name
-        path, n = base, 2
-        while path.exists() and any(path.iterdir()):  # never overwrite an earlier run
-            path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    if path.exists() and (path / "checkpoints").exists():
-        raise TrainingError(f"{path} already holds a run; resume it with --resume {path} or choose another run directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -4,13 +4,15 @@ Works on a shapes-only (meta-device) model, so a 70B-shaped rack costs nothing t
 of a training step is the sum of:
 
 - weights: every parameter in its storage precision (NF4: 4 bits + one int8 scale per 64 values +
-  the double-quantized scales, ≈ 4.13 bits a weight);
+  the double-quantized scales, ≈ 4.13 bits a weight), and the RoPE tables (cos, sin: fp32,
+  max_seq_len × rope_dim/2 each);
 - gradients: one per trainable parameter, in its dtype;
 - optimizer state: AdamW/Adam 2 moments per trainable parameter, SGD with momentum 1;
 - activations saved for backward by every block that needs gradients (all blocks from the first
   one that trains, adapters included), per token per block, counted from what autograd saves for
   this block implementation: mha/gqa 11·d + 4·ffn + n_heads + 2 values, mla measured on a
-  one-block probe (see `block_activation_values`);
+  one-block probe (see `block_activation_values`; beyond 256 positions, extrapolated exactly
+  from probes at 128 and 256, so a long sequence is never run);
 - the loss: the head and cross-entropy run fused in row chunks (model/head_loss.py), so only one
   chunk of fp32 logits exists at a time (plus its bf16 copies under autocast), with the gradient
   of the scored rows (clm scores every position, masked objectives the masked ones; kept from
@@ -113,7 +115,7 @@ def estimate_phase(
     per_token = block_activation_values(cfg, seq_len)
     scored = tokens if objective == "clm" else tokens * mask_fraction
     estimate = MemoryEstimate(
-        weights=weight_bytes(model),
+        weights=weight_bytes(model) + rope_table_bytes(model),
         gradients=grad_bytes,
         optimizer=moments * grad_bytes,
         activations=grad_blocks * tokens * per_token * act_bytes + tokens * (2 * cfg.d_model + 1) * 4,
@@ -135,6 +137,14 @@ def estimate_phase(
                     and not (isinstance(m, LoRALinear) and m.base_precision == "nf4"))
         estimate.autocast_copies = 2 * dense
     return estimate
+
+
+def rope_table_bytes(model: StackWiseModel) -> float:
+    """The RoPE tables (cos and sin, max_seq_len × rope_dim/2 fp32 each) the model builds at its
+    first forward, when not built yet (once built they are buffers, counted by weight_bytes)."""
+    rotary = model.rack.rotary
+    built = (rotary.cos.numel() + rotary.sin.numel()) * 4
+    return max(0, 4 * rotary.max_seq_len * rotary.dim - built)
 
 
 def loss_bytes(scored: float, vocab: int, d_model: int, head_grad_added: bool, device: str, autocast_bf16: bool) -> float:
@@ -179,7 +189,16 @@ def block_activation_values(cfg: ModelConfig, seq_len: int) -> float:
     probabilities, so it is counted on a one-block probe at the real sequence length."""
     if cfg.attention != "mla":
         return 11 * cfg.d_model + 4 * cfg.ffn_hidden + cfg.n_heads + 2
-    return _probe_mla(cfg.d_model, cfg.n_heads, cfg.ffn_hidden, cfg.mla.kv_rank, cfg.mla.q_rank, cfg.mla.rope_dim, seq_len)
+    shape = (cfg.d_model, cfg.n_heads, cfg.ffn_hidden, cfg.mla.kv_rank, cfg.mla.q_rank, cfg.mla.rope_dim)
+    if seq_len <= _PROBE_LONGEST:
+        return _probe_mla(*shape, seq_len)
+    # Per token, what the block saves is a + b·T (the T×T probabilities add n_heads·T): exact from
+    # two probes, so a long sequence is never run (its T×T probabilities could not fit).
+    short, long = _probe_mla(*shape, _PROBE_LONGEST // 2), _probe_mla(*shape, _PROBE_LONGEST)
+    return long + (long - short) / (_PROBE_LONGEST // 2) * (seq_len - _PROBE_LONGEST)
+
+
+_PROBE_LONGEST = 256  # longest sequence the MLA probe runs
 
 
 @functools.cache

@@ -313,13 +313,18 @@ def with_growth_schedule(config: StackWiseConfig) -> StackWiseConfig:
 class ProgressiveRackBuilder:
     """Owns a model (embedding, rack, head) and grows its rack stack by stack.
 
-    `config` is a StackWiseConfig, dict or YAML path; `vocab_size` defaults to the config's.
+    `config` is a StackWiseConfig, dict or YAML path; `vocab_size` defaults to the config's
+    `model.vocab_size`, else to the vocabulary its tokenizer settings give (`planned_vocab`: 512 for
+    dummy data, `data.tokenizer.vocab_size` for BPE, 256 bytes + specials for the byte tokenizer).
     """
 
     def __init__(self, config: StackWiseConfig | Mapping[str, Any] | str | os.PathLike[str], vocab_size: int | None = None,
                  model: StackWiseModel | None = None):
+        from stackwise.training.structure import planned_vocab  # structure imports this module
+
         self.config = StackWiseConfig.load(config)
-        self.model = model or StackWiseModel(self.config.model, vocab_size=vocab_size or self.config.model.vocab_size)
+        vocab_size = vocab_size or self.config.model.vocab_size or planned_vocab(self.config)
+        self.model = model or StackWiseModel(self.config.model, vocab_size=vocab_size)
 
     @property
     def rack(self) -> Any:

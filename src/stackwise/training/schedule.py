@@ -459,8 +459,13 @@ def resolve_optimizer(base: OptimizerConfig, phase: Phase) -> OptimizerConfig:
     """The phase's optimizer settings: each override that is not None replaces the base field
     (whole values: a phase's `lr_scale` replaces the base mapping, it is not merged)."""
     overrides = {k: v for k, v in phase.optimizer if v is not None}
-    # Validate the merged result: an override may be fine alone but not with the base.
-    return OptimizerConfig.model_validate({**base.model_dump(), **overrides})
+    # Validate the merged result: an override may be fine alone but not with the base. (Both
+    # levels share their field types, so a valid override of a valid base passes; a phase built
+    # by hand with bad values gets a ConfigError naming it, not pydantic's raw error.)
+    try:
+        return OptimizerConfig.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as err:
+        raise ConfigError([(f"phase {phase.name!r}: optimizer_config.{p}", m, v) for p, m, v in _problems_from(err)]) from None
 
 
 def resolve_data(config: StackWiseConfig, phase: Phase, tau: float | None = 0.0) -> dict[str, Any]:

@@ -1,0 +1,22 @@
+"""The small two-phase growth config the reliability tests run, killed, forge and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def growth_config(runs: Path, name: str = "run", steps: int = 12, split: float = 0.5, **run: Any) -> dict[str, Any]:
+    """d_model 32, one block; phase 'one' until t=`split`, then phase 'two' appends an identity
+    stack that trains alone on a frozen trunk. Run directories go to `runs`/`name`."""
+    return {
+        "model": {"d_model": 32, "n_heads": 2, "max_seq_len": 32, "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
+        "training": {"batch_size": 4, "seq_len": 32, "total_steps": steps, "optimizer": {"lr": 3e-3}},
+        "data": {},
+        "schedule": [
+            {"name": "one", "start_t": 0.0, "end_t": split},
+            {"name": "two", "start_t": split, "end_t": 1.0,
+             "model_config": {"grow": {"n": 1, "where": "append", "init": "identity"}, "trainable": "new"}},
+        ],
+        "run": {"dir": str(runs), "name": name, "eval_every": 1000, "eval_batches": 1, "log_every": 1, **run},
+    }
