@@ -151,7 +151,7 @@ def test_a_failing_callback_stops_the_run_after_a_complete_step_and_it_resumes(t
     machine = TrainingMachine(config, total_steps=8, console=False, callbacks=[Boom(), rec])
     with pytest.raises(RuntimeError, match="boom") as caught:
         machine.train()
-    assert "Boom.on_log failed at step 3" in "".join(getattr(caught.value, "__notes__", [])) or sys.version_info < (3, 11)
+    assert "Boom.on_log failed after 3 steps" in "".join(getattr(caught.value, "__notes__", [])) or sys.version_info < (3, 11)
     # The step that logged (index 2) completed: its eval ran, time advanced; no callback heard
     # more of it; the other callbacks were told the run failed, and it did not "end".
     assert machine.step == 3 and machine.last_eval

@@ -67,7 +67,7 @@ def test_plan_prints_each_phase(tmp_path, capsys):
     assert lines[0].split()[:3] == ["phase", "t", "steps"]
     rows = [line.split() for line in lines[2:]]
     assert [r[0] for r in rows] == ["one", "two"]
-    assert [r[2] for r in rows] == ["5", "5"]
+    assert [r[2] for r in rows] == ["0-5", "5-10"]  # each phase's [first, end) steps
     assert [r[6] for r in rows] == ["1", "2"]  # stacks: growth shows up in the plan
 
 

@@ -421,3 +421,124 @@ def test_dcp_checkpoint_exports(work, tmp_path):
     out = tmp_path / "hf"
     assert main(["export", str(run), "--hf", str(out), "--checkpoint", str(ckpt)]) == 0
     check_equivalent(run, out)
+
+
+# ---- where OUT goes: refused before loading, permissions of a plain mkdir / open ------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Refusals of OUT come before the run is loaded (the expensive part)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the run was loaded before OUT was checked")
+    monkeypatch.setattr(TrainingMachine, "for_evaluation", fail)
+
+
+def left_over(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "symlink_to_a_file", "dangling_symlink", "file_under_file"])
+def test_out_that_cannot_be_a_folder_is_refused(case, byte_run, tmp_path, capsys, no_loading):
+    place = tmp_path / "place"
+    place.mkdir()
+    (place / "file").write_text("keep me")
+    out = {"parent_is_a_file": place / "file" / "hf", "file_under_file": place / "file" / "deeper" / "hf",
+           "symlink_to_a_file": place / "link", "dangling_symlink": place / "link"}[case]
+    if case == "symlink_to_a_file":
+        out.symlink_to(place / "file")
+    elif case == "dangling_symlink":
+        out.symlink_to(place / "nowhere")
+    before = left_over(place)
+    assert main(["export", str(byte_run), "--hf", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"stackwise export: {out}: ") and len(err.splitlines()) == 1, err
+    assert ("does not exist" if case == "dangling_symlink" else "not a folder") in err
+    assert left_over(place) == before and (place / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("out", ["/proc/x", "/sys/x", "/proc/x/y/hf"])
+def test_out_in_an_unwritable_place_is_refused(out, byte_run, capsys, no_loading):
+    """Read-only / pseudo file systems: root passes os.access() there, the probe does not."""
+    root = Path(*Path(out).parts[:2])
+    if not root.is_dir():
+        pytest.skip(f"no {root} here")
+    with pytest.raises(ExportError, match=f"{out}: cannot create a folder in {root} "):
+        export_hf(byte_run, out)
+    assert main(["export", str(byte_run), "--hf", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"stackwise export: {out}: cannot create a folder in") and len(err.splitlines()) == 1, err
+    assert not Path(out).exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a 0555 folder")
+def test_out_under_a_read_only_folder_is_refused(byte_run, tmp_path, capsys, no_loading):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        assert main(["export", str(byte_run), "--hf", str(parent / "hf")]) == 2
+        assert "Permission denied" in capsys.readouterr().err
+        assert left_over(parent) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def test_symlink_to_an_empty_folder_exports_into_it(byte_run, tmp_path):
+    real = tmp_path / "store" / "real"
+    real.mkdir(parents=True)
+    real.chmod(0o750)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main(["export", str(byte_run), "--hf", str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").is_file()
+    assert (real.stat().st_mode & 0o777) == 0o750  # the empty folder's own permissions are kept
+    assert left_over(real.parent) == ["real"] and left_over(tmp_path) == ["link", "store"]
+    check_equivalent(byte_run, link)
+
+
+def test_a_failing_write_is_an_export_error_and_leaves_nothing(byte_run, tmp_path, monkeypatch):
+    import errno
+
+    from stackwise.interop import hf_export
+
+    machine = TrainingMachine.for_evaluation(byte_run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    empty.chmod(0o701)
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+
+    monkeypatch.setattr(hf_export.os, "replace", cross_device)
+    with pytest.raises(ExportError, match=r"empty: cannot write the export \(Invalid cross-device link"):
+        write_hf_folder(machine.model, machine.data.tokenizer, empty)
+    assert left_over(tmp_path) == ["empty"] and left_over(empty) == []  # the empty OUT is put back, as it was
+    assert (empty.stat().st_mode & 0o777) == 0o701
+    monkeypatch.undo()
+
+    def disk_full(folder, tensors, max_bytes):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(hf_export, "_write_weights", disk_full)
+    out = tmp_path / "new" / "deeper" / "hf"
+    with pytest.raises(ExportError, match="No space left on device"):
+        write_hf_folder(machine.model, machine.data.tokenizer, out)
+    assert left_over(tmp_path) == ["empty"]  # the parents it made are gone too
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_folder_has_the_permissions_of_a_plain_mkdir(umask, byte_run, tmp_path):
+    old = os.umask(umask)
+    try:
+        out = export_hf(byte_run, tmp_path / "hf")
+        kept = tmp_path / "kept"
+        kept.mkdir()
+        kept.chmod(0o711)
+        export_hf(byte_run, kept)
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        (p.name for p in out.iterdir()), 0o666 & ~umask)
+    assert (kept.stat().st_mode & 0o777) == 0o711 and (kept / "config.json").is_file()

@@ -137,6 +137,22 @@ def _inf_moment(folder):
     forge_state(folder, poison)
 
 
+def _moment(change):
+    def forge(folder):
+        def poison(state):
+            entry = next(e for e in state["optimizer"]["state"].values() if e["exp_avg"].ndim == 2)
+            change(entry)
+        forge_state(folder, poison)
+    return forge
+
+
+MOMENT_FORGERIES = {  # found by review: a fused AdamW step read a misshapen moment out of bounds (exit 139)
+    "moment of another shape": (_moment(lambda e: e.__setitem__("exp_avg", torch.zeros(3))), "shape"),
+    "negative second moment": (_moment(lambda e: e["exp_avg_sq"].view(-1).__setitem__(0, -1.0)), "negative"),
+    "negative step count": (_moment(lambda e: e.__setitem__("step", torch.tensor(-3.0))), "negative"),
+}
+
+
 OTHER_FORGERIES = {
     "meta.json 25,000 levels deep": _deep(25_000),
     "meta.json 200,000 levels deep": _deep(200_000),
@@ -157,6 +173,18 @@ def test_a_forged_newest_checkpoint_is_skipped_and_named(run, forgery, capsys):
         TrainingMachine(StackWiseConfig.from_yaml(run / "config.yaml"), run_dir=False, restoring=True,
                         console=False).lifecycle.check_fits(ckpt)
     assert str(newest) in str(err.value) and field in str(err.value)
+    machine = TrainingMachine(run / "config.yaml", resume=run)
+    assert machine.step == 8  # the previous checkpoint took over
+    said = capsys.readouterr().err
+    assert f"skipping damaged checkpoint: {newest}" in said and field in said and "Traceback" not in said
+    machine.close()
+
+
+@pytest.mark.parametrize("forgery", MOMENT_FORGERIES)
+def test_a_forged_optimizer_moment_is_found_while_restoring_and_skipped(run, forgery, capsys):
+    harm, field = MOMENT_FORGERIES[forgery]
+    newest = checkpoint(run, 12)
+    harm(newest)
     machine = TrainingMachine(run / "config.yaml", resume=run)
     assert machine.step == 8  # the previous checkpoint took over
     said = capsys.readouterr().err

@@ -84,9 +84,9 @@ def unwritable_folder(tmp_path: Path) -> Path | None:
 def test_options_may_come_between_the_config_and_the_overrides(config, capsys, tmp_path):
     code, out, err = cli(["plan", str(config), "--steps", "20", "run.name=x", "--no-data"], capsys)
     assert code == 0, err
-    assert " 20 " in out.splitlines()[2]  # the phase row: 20 steps
+    assert " 0-20 " in out.splitlines()[2]  # the phase row: steps [0, 20)
     code, out, err = cli(["plan", "--no-data", str(config), "training.total_steps=7"], capsys)
-    assert code == 0 and " 7 " in out.splitlines()[2], err
+    assert code == 0 and " 0-7 " in out.splitlines()[2], err
     # train: the override is read (and refused for its value), not rejected as an unknown argument
     for argv, key in [(["train", str(config), "--steps", "3", "training.lr=.nan"], "training.optimizer.lr"),
                       (["train", "--steps", "3", str(config), "model.d_model.x=1"], "model.d_model"),

@@ -218,3 +218,98 @@ def test_extend_appends_a_schedule(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "transition" and r["to"] == "grown" and r["step"] == 6 for r in records)
     assert max(r["step"] for r in records if r["kind"] == "step") == 9
+
+
+# ---- found by review: damaged or hostile sources, and extensions cut short ---------------------
+
+
+def refused_source(tmp_path, capsys, folder, *words):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"model": {"init_from": str(folder)}, "data": {},
+                                    "training": {"batch_size": 4, "seq_len": 32, "total_steps": 2},
+                                    "run": {"dir": str(tmp_path / "runs")}}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "model.init_from" in err and all(w in err for w in words), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_damaged_hf_folders_are_one_message(tmp_path, capsys):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    hf_model(tmp_path / "m", max_shard_size="60KB")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    os.rename(tmp_path / "m" / shard, tmp_path / "away")
+    refused_source(tmp_path, capsys, tmp_path / "m", shard, "missing")
+    os.mkfifo(tmp_path / "m" / shard)  # a FIFO would block the reader forever
+    refused_source(tmp_path, capsys, tmp_path / "m", shard, "not a regular file")
+    os.remove(tmp_path / "m" / shard)
+    (tmp_path / "m" / shard).write_bytes((tmp_path / "away").read_bytes()[:1000])  # truncated
+    refused_source(tmp_path, capsys, tmp_path / "m", shard, "cannot read the weights")
+    tensors = load_file(str(tmp_path / "away"))
+    next(iter(tensors.values())).view(-1)[0] = float("nan")
+    save_file(tensors, str(tmp_path / "m" / shard), metadata={"format": "pt"})
+    refused_source(tmp_path, capsys, tmp_path / "m", "NaN/Inf")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    refused_source(tmp_path, capsys, tmp_path / "m", "outside the model folder")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_theta": "5000", "rope_parameters": None}, "rope_theta='5000'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta=-1.0"),
+    ({"rope_parameters": [1, 2]}, "rope_parameters"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps"),
+    ({"max_position_embeddings": "abc"}, "max_position_embeddings"),
+    ({"num_key_value_heads": [2]}, "num_key_value_heads"),
+    ({"num_key_value_heads": 2.5}, "num_key_value_heads"),
+    ({"head_dim": "16"}, "head_dim"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+])
+def test_bad_config_json_values_are_refused_not_guessed(tmp_path, capsys, change, words):
+    hf_model(tmp_path / "m")
+    body = {**json.loads((tmp_path / "m" / "config.json").read_text()), **change}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(body))
+    refused_source(tmp_path, capsys, tmp_path / "m", words)
+
+
+def test_a_deep_config_json_is_refused(tmp_path, capsys):
+    hf_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    refused_source(tmp_path, capsys, tmp_path / "m", "nested too deeply")
+
+
+def test_empty_init_from_and_a_lone_init_from_optimizer_are_errors():
+    for model in ({"init_from": ""}, {"init_from_optimizer": True}):
+        with pytest.raises(ConfigError, match=r"model\.init_from"):
+            StackWiseConfig.from_dict({"model": model, "training": {}, "data": {}})
+
+
+def test_the_start_says_what_was_loaded_and_added(tmp_path, capsys):
+    hf_model(tmp_path / "llama")
+    machine = TrainingMachine(config(tmp_path, tmp_path / "llama"), run_dir=tmp_path / "run")
+    said = capsys.readouterr().err
+    assert "started from" in said and "[PAD], [MASK]" in said and "vocabulary grows" in said
+    machine.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "init_from" and r["added_tokens"] == ["[PAD]", "[MASK]"] for r in records)
+
+
+def test_an_extension_cut_short_before_its_first_checkpoint_still_resumes(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(plain(tmp_path, "run", 6)))
+    assert main(["train", str(run)]) == 0
+    # The extension records its config, then dies before any new checkpoint (as a SIGKILL would).
+    cut = TrainingMachine(tmp_path / "run" / "config.yaml", total_steps=12, resume=tmp_path / "run", console=False)
+    cut.close()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["total_steps"] == 12
+    assert main(["eval", str(tmp_path / "run"), "--batches", "1"]) == 0  # the step-6 checkpoint still fits
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert max(losses(tmp_path / "run")) == 11
+    # Checkpoints from before the extension stay usable: by eval, and as a source.
+    first = tmp_path / "run" / "checkpoints" / "step_000006"
+    source = TrainingMachine(config(tmp_path, first, steps=2), run_dir=tmp_path / "from-old", console=False)
+    assert source.config.model.architecture.stack_sizes == [1]
+    source.close()

@@ -23,7 +23,7 @@ import math
 import os
 import reprlib
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -31,12 +31,16 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from stackwise import time_units
 
 # --------------------------------------------------------------------------------------------
 # Limits (docs/config.md, "Limits")
@@ -342,6 +346,17 @@ BatchSize = Annotated[int, Field(ge=1)]
 OptimizerType = Literal["AdamW", "Adam", "SGD"]
 
 
+def _token_count(minimum: int) -> Any:
+    def parse(v: Any) -> Any:
+        return None if v is None else time_units.parse_token_count(v, minimum)
+    return BeforeValidator(parse)
+
+
+# Token counts as written: 1280, "50M", "1.5B" (time_units.parse_token_count); stored as ints.
+TokenPosition = Annotated[Union[int, None], _token_count(0)]  # noqa: UP007
+TokenLength = Annotated[Union[int, None], _token_count(1)]  # noqa: UP007
+
+
 def value_at(value: float | Ramp | LrSchedule, tau: float) -> float:
     """Evaluate a plain number or a ramp at local time τ."""
     return float(value) if isinstance(value, (int, float)) else value.at(tau)
@@ -430,6 +445,11 @@ class ModelConfig(_Section):
             problems.append(("attention", f"'mha' needs n_kv_heads == n_heads={self.n_heads}; use 'gqa'", self.attention))
         if self.attention == "gqa" and self.n_kv_heads >= self.n_heads and self.n_heads > 1:
             problems.append(("n_kv_heads", f"'gqa' needs n_kv_heads < n_heads={self.n_heads}", self.n_kv_heads))
+        if self.init_from is not None and not self.init_from.strip():
+            problems.append(("init_from", "is empty; give a folder, or remove the key to start from scratch", self.init_from))
+        if self.init_from_optimizer and self.init_from is None:
+            problems.append(("init_from_optimizer", "needs model.init_from (a run or checkpoint to take the state from)",
+                             self.init_from_optimizer))
         if self.attention == "mla" and self.qkv_bias:
             problems.append(("qkv_bias", "applies to mha/gqa attention, not mla", self.qkv_bias))
         if self.attention == "mla" and not problems:
@@ -478,6 +498,9 @@ class TrainingConfig(_Section):
     progressive: ProgressiveConfig = Field(default_factory=lambda: ProgressiveConfig())
     seq_len: SeqLen = 128
     total_steps: int | None = Field(default=None, ge=1, description="run length; TrainingMachine(total_steps=) overrides")
+    total_tokens: TokenLength = Field(default=None, description="run length in tokens (batch_size × seq_len per step)")
+    total_epochs: float | None = Field(default=None, gt=0, le=time_units.MAX_EPOCHS,
+                                       description="run length in epochs of the training split")
     grad_accum_steps: int = Field(default=1, ge=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -493,6 +516,22 @@ class TrainingConfig(_Section):
             if isinstance(optimizer, Mapping):
                 data["optimizer"] = {**optimizer, "lr": lr}
         return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        given = [key for key in time_units.LENGTH_KEYS.values() if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise _CrossFieldError([(key, f"give the run length once: {' or '.join(given)}, not both", getattr(self, key))
+                                    for key in given[1:]])
+        return self
+
+    @property
+    def length(self) -> tuple[str, Any, str] | None:
+        """The run length as written: (unit, value, config path), or None when not set."""
+        for unit, key in time_units.LENGTH_KEYS.items():
+            if getattr(self, key) is not None:
+                return unit, getattr(self, key), f"training.{key}"
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,6 +550,8 @@ Objective = Literal["clm", "mlm", "diffusion"]
 class DataConfig(_Section):
     use_dummy_data: bool = False
     paths: list[str] = Field(default_factory=list, description="text files, folders or .jsonl; empty = built-in corpus")
+    include: list[str] | None = Field(default=None, description="glob patterns choosing a folder's files; default the known suffixes")
+    bin_dtype: Literal["auto", "uint16", "uint32"] = Field(default="auto", description="item size of .bin token files")
     text_field: str = "text"
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     objective: Objective = "clm"
@@ -671,6 +712,10 @@ class PhaseConfig(_Section):
     end_t: float | None = Field(default=None, ge=0, le=1)
     start_step: int | None = Field(default=None, ge=0)
     end_step: int | None = Field(default=None, ge=1)
+    start_tokens: TokenPosition = None
+    end_tokens: TokenLength = None
+    start_epoch: float | None = Field(default=None, ge=0, le=time_units.MAX_EPOCHS)
+    end_epoch: float | None = Field(default=None, gt=0, le=time_units.MAX_EPOCHS)
     task: Objective | None = None
     data_config: PhaseDataConfig = Field(default_factory=PhaseDataConfig)
     model_config_: PhaseModelConfig = Field(default_factory=PhaseModelConfig, alias="model_config")
@@ -680,30 +725,41 @@ class PhaseConfig(_Section):
 
     @model_validator(mode="after")
     def _one_time_form(self) -> PhaseConfig:
-        problems = []
-        has_t = self.start_t is not None or self.end_t is not None
-        has_step = self.start_step is not None or self.end_step is not None
-        if has_t and has_step:
-            problems.append(("start_t", "give either start_t/end_t or start_step/end_step, not both", self.start_t))
-        elif has_t and (self.start_t is None or self.end_t is None):
-            problems.append(("end_t" if self.end_t is None else "start_t", "start_t and end_t go together", None))
-        elif has_step and (self.start_step is None or self.end_step is None):
-            problems.append(("end_step" if self.end_step is None else "start_step", "start_step and end_step go together", None))
-        elif not has_t and not has_step:
-            problems.append(("end_t", "a phase needs start_t/end_t or start_step/end_step", _NO_VALUE))
-        elif has_t and self.start_t >= self.end_t:
-            problems.append(("end_t", f"must be greater than start_t={self.start_t}", self.end_t))
-        elif has_step and self.start_step >= self.end_step:
-            problems.append(("end_step", f"must be greater than start_step={self.start_step}", self.end_step))
+        """One form of bounds per phase (t, steps, tokens or epochs), both keys, start < end."""
+        forms = [(unit, keys) for unit, keys in time_units.BOUND_KEYS.items()
+                 if any(getattr(self, k) is not None for k in keys)]
+        problems: list[tuple[str, str, Any]] = []
+        if not forms:
+            problems.append(("end_t", "a phase needs its bounds: start_t/end_t, start_step/end_step, "
+                                      "start_tokens/end_tokens or start_epoch/end_epoch", _NO_VALUE))
+        elif len(forms) > 1:
+            given = [k for _, keys in forms for k in keys if getattr(self, k) is not None]
+            key = next(k for k in forms[0][1] if getattr(self, k) is not None)
+            problems.append((key, f"give the bounds in one form (t, step, tokens or epoch), not several: this phase "
+                                  f"gives {', '.join(given)}", getattr(self, key)))
+        else:
+            start, end = forms[0][1]
+            if getattr(self, start) is None or getattr(self, end) is None:
+                missing = end if getattr(self, end) is None else start
+                problems.append((missing, f"{start} and {end} go together", None))
+            elif getattr(self, start) >= getattr(self, end):
+                problems.append((end, f"must be greater than {start}={getattr(self, start)}", getattr(self, end)))
         if problems:
             raise _CrossFieldError(problems)
         return self
 
+    @property
+    def time_unit(self) -> str:
+        """The unit its bounds are given in: t, step, tokens or epoch."""
+        return next((unit for unit, keys in time_units.BOUND_KEYS.items() if getattr(self, keys[0]) is not None), "t")
+
     def bounds_t(self, total_steps: int | None) -> tuple[float, float] | None:
-        """(start_t, end_t), converting steps with the run's total; None when that is unknown."""
+        """(start_t, end_t), converting steps with the run's total; None when that is unknown, and
+        for bounds in tokens or epochs, which convert with the whole schedule
+        (`StackWiseConfig.in_steps`)."""
         if self.start_t is not None:
             return self.start_t, self.end_t
-        if total_steps is None:
+        if total_steps is None or self.start_step is None:
             return None
         return self.start_step / total_steps, self.end_step / total_steps
 
@@ -775,6 +831,8 @@ class StackWiseConfig(_Section):
     data: DataConfig
     schedule: list[PhaseConfig] | None = None
     run: RunConfig = Field(default_factory=RunConfig)
+    # What the user wrote for time in tokens or epochs, kept by `in_steps` for the run's config.yaml.
+    _time_given: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("schedule")
     @classmethod
@@ -785,7 +843,7 @@ class StackWiseConfig(_Section):
 
     @model_validator(mode="after")
     def _check_whole(self) -> StackWiseConfig:
-        problems = _schedule_problems(self.schedule, self.training.total_steps)
+        problems = _time_problems(self)
         seq_lens = [self.training.seq_len] + [p.data_config.seq_len for p in self.schedule or [] if p.data_config.seq_len]
         accum = self.training.grad_accum_steps
         batch_sizes = [("training.batch_size", self.training.batch_size)] + [
@@ -863,7 +921,11 @@ class StackWiseConfig(_Section):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The config as YAML. A config converted from tokens or epochs (`in_steps`) opens with
+        comment lines saying what was written and what it became."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if self._time_given:
+            text = "".join(f"# {line}\n" for line in self._time_given) + text
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
@@ -886,43 +948,147 @@ class StackWiseConfig(_Section):
 
     # ---- derived values -----------------------------------------------------------------
 
-    def resolved_total_steps(self, total_steps: int | None = None) -> int:
-        steps = total_steps if total_steps is not None else self.training.total_steps
-        if steps is None:
-            raise ConfigError([("training.total_steps", "the run length is not set (give total_steps)", None)])
-        return steps
+    def resolved_total_steps(self, total_steps: int | None = None, train_tokens: TrainTokens = None) -> int:
+        """The run length in steps: `total_steps` if given, else the config's (converted from
+        tokens or epochs as `in_steps` does)."""
+        if total_steps is not None:
+            return total_steps
+        if self.training.total_steps is not None:
+            return self.training.total_steps
+        return self.in_steps(None, train_tokens).training.total_steps
+
+    # ---- time in units (docs/schedule.md, "Time in tokens and epochs") -----------------------
+
+    def uses_time_units(self) -> bool:
+        """Whether the run length or any phase bound is given in tokens or epochs."""
+        return self.training.total_tokens is not None or self.training.total_epochs is not None or \
+            any(p.time_unit in ("tokens", "epoch") for p in self.schedule or [])
+
+    def epoch_keys(self, total_steps: int | None = None) -> list[str]:
+        """Config paths given in epochs (they need the training split's token count to convert);
+        with an explicit `total_steps`, the run length no longer counts."""
+        keys = ["training.total_epochs"] if self.training.total_epochs is not None and total_steps is None else []
+        return keys + [f"schedule.{i}.start_epoch" for i, p in enumerate(self.schedule or []) if p.time_unit == "epoch"]
+
+    def time_rates(self, train_tokens: TrainTokens = None) -> list[time_units.Rate]:
+        """How far one step of each phase (one entry without a schedule) advances the token and
+        epoch clocks: batch_size × seq_len tokens; batch_size windows of the phase's training
+        split, which holds `train_tokens // (seq_len + 1)` windows. `train_tokens` is the count of
+        that split (an int for every phase, or a function of (paths, text_field) for each phase's
+        own corpus), None when unknown."""
+        rates = []
+        for phase in self.schedule or [None]:
+            over = phase.data_config if phase is not None else PhaseDataConfig()
+            batch = over.batch_size or self.training.batch_size
+            seq_len = over.seq_len or self.training.seq_len
+            windows = None
+            if train_tokens is not None:
+                if isinstance(train_tokens, int):
+                    count = train_tokens
+                else:
+                    paths = over.paths if over.paths is not None else self.data.paths
+                    count = train_tokens(list(paths), over.text_field or self.data.text_field)
+                windows = count // (seq_len + 1)
+            rates.append(time_units.Rate(batch, seq_len, windows))
+        return rates
+
+    def time_layout(self, total_steps: int | None = None, train_tokens: TrainTokens = None) -> time_units.Layout:
+        """The run converted to steps (time_units.lay_out): its length, each phase's step range, and
+        the problems of its bounds. Without a schedule, one phase over the whole run."""
+        phases = [time_units.Bounds("main", "t", 0.0, 1.0, ("schedule.0.start_t", "schedule.0.end_t"))]
+        if self.schedule:
+            phases = [_bounds(i, p) for i, p in enumerate(self.schedule)]
+        return time_units.lay_out(phases, self.time_rates(train_tokens), self.training.length, total_steps)
+
+    def in_steps(self, total_steps: int | None = None, train_tokens: TrainTokens = None) -> StackWiseConfig:
+        """This config with the run length in steps (`training.total_steps`) and, when any time is
+        given in tokens or epochs, every phase bound in steps too (`start_step`/`end_step`): the
+        form the machine runs and records. An explicit `total_steps` replaces the config's length.
+        Epochs need `train_tokens` (see `time_rates`). Raises ConfigError naming the field."""
+        if self.training.length is None and total_steps is None:
+            raise ConfigError([("training.total_steps", "the run length is not set (give total_steps, total_tokens "
+                                "or total_epochs)", None)])
+        if not self.uses_time_units():  # steps and t: only the length, as given
+            steps = total_steps if total_steps is not None else self.training.total_steps
+            return self if steps == self.training.total_steps else self.with_overrides([f"training.total_steps={steps}"])
+        layout = self.time_layout(total_steps, train_tokens)
+        problems = _name_problems(self.schedule) + layout.problems
+        if problems:
+            raise ConfigError(problems)
+        if layout.total_steps is None or any(None in r for r in layout.ranges):
+            raise ConfigError([(key, "is in epochs, which count windows of the training split: its token count is "
+                                     "needed (known once the corpus is read)", _NO_VALUE)
+                               for key in self.epoch_keys(total_steps) or ["training.total_epochs"]])
+        problems = [(f"schedule.{i}.{time_units.BOUND_KEYS[p.time_unit][1]}",
+                     f"phase {p.name!r} gets no step of the {layout.total_steps} total steps (it rounds to step "
+                     f"{first}); lengthen it or the run", getattr(p, time_units.BOUND_KEYS[p.time_unit][1]))
+                    for i, (p, (first, end)) in enumerate(zip(self.schedule or [], layout.ranges, strict=False))
+                    if end <= first]
+        if problems:
+            raise ConfigError(problems)
+        data = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        training = data.setdefault("training", {})
+        for key in time_units.LENGTH_KEYS.values():
+            training.pop(key, None)
+        training["total_steps"] = layout.total_steps
+        for phase, (first, end) in zip(data.get("schedule") or [], layout.ranges, strict=False):
+            for keys in time_units.BOUND_KEYS.values():
+                for key in keys:
+                    phase.pop(key, None)
+            phase["start_step"], phase["end_step"] = first, end
+        converted = StackWiseConfig.from_dict(data, source="the config converted to steps")
+        converted._time_given = self._time_record(layout)
+        return converted
+
+    def _time_record(self, layout: time_units.Layout) -> list[str]:
+        """Comment lines for the run's config.yaml: the time as written, and the steps it became."""
+        lines = ["time as written, converted exactly to steps (docs/schedule.md, \"Time in tokens and epochs\"):"]
+        length = self.training.length
+        if length is not None and length[0] != "step":
+            lines.append(f"  {length[2]}: {length[1]}  ->  training.total_steps: {layout.total_steps}")
+        for i, (phase, (first, end)) in enumerate(zip(self.schedule or [], layout.ranges, strict=False)):
+            if phase.time_unit != "step":
+                start_key, end_key = time_units.BOUND_KEYS[phase.time_unit]
+                lines.append(f"  schedule.{i} ({phase.name}): {start_key}: {getattr(phase, start_key)}, {end_key}: "
+                             f"{getattr(phase, end_key)}  ->  start_step: {first}, end_step: {end}")
+        return lines
+
+
+# A training split's token count: one int, or a function of (paths, text_field) for each phase's corpus.
+TrainTokens = Union[int, Callable[[list[str], str], int], None]  # noqa: UP007
+
+
+def _bounds(index: int, phase: PhaseConfig) -> time_units.Bounds:
+    start_key, end_key = time_units.BOUND_KEYS[phase.time_unit]
+    return time_units.Bounds(phase.name, phase.time_unit, getattr(phase, start_key), getattr(phase, end_key),
+                             (f"schedule.{index}.{start_key}", f"schedule.{index}.{end_key}"))
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 
 
+def _name_problems(schedule: list[PhaseConfig] | None) -> list[tuple[str, str, Any]]:
+    names = [p.name for p in schedule or []]
+    return [(f"schedule.{i}.name", "phase names must be unique", name) for i, name in enumerate(names)
+            if names.index(name) != i]
+
+
 def _schedule_problems(schedule: list[PhaseConfig] | None, total_steps: int | None) -> list[tuple[str, str, Any]]:
-    """Phases must tile [0, 1]: sorted, no gap, no overlap, first at 0, last at 1."""
+    """Phases must tile [0, 1]: first at 0, each where the previous ends, last at the end, names
+    unique (phases in t or steps; a config's phases in tokens or epochs: `_time_problems`)."""
     if not schedule:
         return []
-    problems: list[tuple[str, str, Any]] = []
-    names = [p.name for p in schedule]
-    for i, name in enumerate(names):
-        if names.index(name) != i:
-            problems.append((f"schedule.{i}.name", "phase names must be unique", name))
-    bounds = [p.bounds_t(total_steps) for p in schedule]
-    if any(b is None for b in bounds):
-        # Step phases are checked once the run length is known (TrainingMachine(total_steps=...)).
-        return problems
-    eps = 1e-9
-    expected = 0.0
-    for i, (start, end) in enumerate(bounds):
-        key = "start_t" if schedule[i].start_t is not None else "start_step"
-        if start > expected + eps:
-            problems.append((f"schedule.{i}.{key}", f"leaves a gap: the previous phase ends at t={expected:g}", start))
-        elif start < expected - eps:
-            problems.append((f"schedule.{i}.{key}", f"overlaps the previous phase, which ends at t={expected:g}", start))
-        expected = end
-    if abs(expected - 1.0) > eps:
-        key = "end_t" if schedule[-1].end_t is not None else "end_step"
-        problems.append((f"schedule.{len(schedule) - 1}.{key}", "the last phase must end at t=1 (end of the run)", expected))
-    return problems
+    layout = time_units.lay_out([_bounds(i, p) for i, p in enumerate(schedule)], None, None, total_steps)
+    return _name_problems(schedule) + layout.problems
+
+
+def _time_problems(config: StackWiseConfig, total_steps: int | None = None) -> list[tuple[str, str, Any]]:
+    """The schedule's tiling, checked in each phase's own unit and, where units differ, in steps as
+    far as the config alone allows (epochs wait for the corpus, steps for the run length)."""
+    if not config.schedule and not config.uses_time_units():
+        return []
+    return _name_problems(config.schedule) + config.time_layout(total_steps).problems
 
 
 def rack_sizes(config: StackWiseConfig) -> tuple[list[list[int] | None], list[tuple[str, str, Any]]]:
@@ -1003,7 +1169,7 @@ def _keep(sizes: list[int], start: int, end: int) -> list[int]:
 
 def check_schedule(config: StackWiseConfig, total_steps: int) -> None:
     """Raise ConfigError if the phases do not tile the run of `total_steps` steps."""
-    problems = _schedule_problems(config.schedule, total_steps)
+    problems = _time_problems(config, total_steps)
     if problems:
         raise ConfigError(problems)
 

@@ -90,18 +90,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from stackwise.cli.plan import format_table, memory_table, plan_rows
     from stackwise.training.init_from import resolve_init_from
+    from stackwise.training.progressive import with_growth_schedule
+    from stackwise.training.schedule import resolve_time, train_token_counter
 
-    config = resolve_init_from(_load_config(args.config, args.overrides))
-    steps = args.steps or config.training.total_steps
-    if steps is None:
-        raise UsageError("the run length is unknown: set training.total_steps in the config or pass --steps N")
-    if steps < 1:
-        raise UsageError(f"--steps must be a positive count, got {steps}")
+    config = with_growth_schedule(resolve_init_from(_load_config(args.config, args.overrides)))
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be a positive count, got {args.steps}")
+    if args.steps is None and config.training.length is None:
+        raise UsageError("the run length is unknown: set training.total_steps, total_tokens or total_epochs in the "
+                         "config, or pass --steps N")
+    epochs = config.epoch_keys(args.steps)
+    if epochs and args.no_data:
+        raise UsageError(f"{epochs[0]} is in epochs, which count passes over the training split: plan reads the "
+                         "corpus to convert them; drop --no-data (or give the time in steps or tokens)")
+    corpus = None if args.no_data else _corpus(config)
+    # Tokens and epochs to steps, as `train` converts them (docs/schedule.md).
+    config = resolve_time(config, args.steps, corpus)
+    steps = config.training.total_steps
     device = args.device or config.run.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     _warn_if_too_large(config, steps, device)
-    rows = plan_rows(config, steps, device=device, windows=None if args.no_data else _windows(config))
+    rows = plan_rows(config, steps, device=device, windows=_windows(corpus) if corpus else None,
+                     train_tokens=train_token_counter(corpus) if corpus else None)
     print(format_table(rows))
     if args.memory:
         print()
@@ -123,11 +134,16 @@ def _warn_if_too_large(config: StackWiseConfig, steps: int, device: str) -> None
                   "this run", file=sys.stderr)
 
 
-def _windows(config: StackWiseConfig):
-    """Training windows per sequence length (the activation cache's size), from the corpus."""
+def _corpus(config: StackWiseConfig):
+    """The run's data loader (the corpus read and tokenized, as `train` reads it)."""
     from stackwise.training.loader import ProgressiveDataLoader
 
-    tokens = ProgressiveDataLoader(config).n_train_tokens
+    return ProgressiveDataLoader(config)
+
+
+def _windows(loader):
+    """Training windows per sequence length (the activation cache's size), from the corpus."""
+    tokens = loader.n_train_tokens
     return lambda seq_len: tokens // (seq_len + 1)
 
 
@@ -153,15 +169,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--mask-rate must lie in (0, 1], got {args.mask_rate}")
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches must be a positive count, got {args.batches}")
+    # --data FILE scores all of FILE; the run's own corpus, its validation split (docs/data.md).
+    split = args.split or ("all" if args.data else "validation")
     machine = TrainingMachine.for_evaluation(
         run_dir, paths=[args.data] if args.data else None, objective=args.objective,
         mask_range=tuple(args.mask_range) if args.mask_range else None, mask_rate=args.mask_rate,
+        validation="all" if split == "all" else "split",
     )
-    result = machine.evaluate(max_batches=args.batches)
+    loader = getattr(machine.data, "loader", None)
+    batches = args.batches
+    if batches is None:
+        every = split == "all" and loader is not None
+        batches = -(-loader.n_val_windows // loader.settings.batch_size) if every else machine.config.run.eval_batches
+    result = machine.evaluate(max_batches=batches)
     if not math.isfinite(result["val_loss"]):  # weights that overflow give NaN/Inf: a broken checkpoint, not a score
         raise UsageError(f"{run_dir}: the checkpoint of step {machine.step} gives a non-finite validation loss "
                          f"({result['val_loss']}): its weights overflow and cannot be scored")
     print(f"validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte (step {machine.step}, {run_dir})")
+    if hasattr(loader, "validation_coverage"):
+        scope = loader.validation_coverage(batches)
+        what = "every document of" if split == "all" else "the validation split of"
+        print(f"scored {scope['bytes']:,} of {scope['total_bytes']:,} bytes in {scope['documents']:,} of "
+              f"{scope['total_documents']:,} documents ({what} {scope['corpus']}; {scope['windows']:,} windows of "
+              f"{loader.settings.seq_len + 1} tokens)")
     return 0
 
 
@@ -250,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest good checkpoint")
     train.add_argument("--steps", type=int,
-                       help="total steps (default: training.total_steps); with --resume, more than the run's extends it")
+                       help="total steps (default: the config's run length: total_steps, total_tokens or "
+                            "total_epochs); with --resume, more than the run's extends it")
     train.add_argument("--extend", metavar="EXT.yaml",
                        help="with --resume: append the phases of this file's `schedule` after the run's end")
     train.set_defaults(func=cmd_train)
@@ -258,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the timeline of a config without training (warns when it would not fit)")
     plan.add_argument("config", metavar="CONFIG.yaml")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
-    plan.add_argument("--steps", type=int, help="total steps (default: training.total_steps)")
+    plan.add_argument("--steps", type=int,
+                      help="total steps (default: the config's run length: total_steps, total_tokens or total_epochs)")
     plan.add_argument("--device", choices=["cpu", "cuda"], help="estimate memory for this device (default: run.device)")
     plan.add_argument("--memory", action="store_true", help="also print where each phase's memory goes")
-    plan.add_argument("--no-data", action="store_true", help="do not read the corpus (the cache size is then unknown)")
+    plan.add_argument("--no-data", action="store_true",
+                      help="do not read the corpus (the cache size and epochs are then unknown)")
     plan.set_defaults(func=cmd_plan)
 
     plot = sub.add_parser("plot", help="write a PNG of loss against t with phase bands")
@@ -271,8 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="validation loss and bits per byte of a run's newest checkpoint")
     ev.add_argument("run_dir", metavar="RUN_DIR")
-    ev.add_argument("--data", metavar="PATH", help="evaluate on this corpus instead of the run's")
-    ev.add_argument("--batches", type=int, default=None, help="validation batches (default: run.eval_batches)")
+    ev.add_argument("--data", metavar="PATH", help="evaluate on this corpus (all of it) instead of the run's")
+    ev.add_argument("--split", choices=["all", "validation"],
+                    help="score every document, or only the validation split (default: all with --data, "
+                         "else validation)")
+    ev.add_argument("--batches", type=int, default=None,
+                    help="at most this many batches (default: every batch with --split all, else run.eval_batches)")
     ev.add_argument("--objective", choices=["clm", "mlm", "diffusion"], help="score with this objective instead of the run's")
     ev.add_argument("--mask-range", type=float, nargs=2, metavar=("LO", "HI"), help="diffusion: per-sample rate range")
     ev.add_argument("--mask-rate", type=float, help="mlm: mask rate")

@@ -1,11 +1,16 @@
 """`stackwise plan`: the timeline of a config, phase by phase, with a memory estimate, without
-training."""
+training.
+
+Each phase's place in the run is shown in all four units, as [start, end) ranges: t, steps,
+tokens (batch_size × seq_len per step) and epochs (passes over the phase's training windows; "-"
+when the corpus is not read, `--no-data`). docs/schedule.md, "Time in tokens and epochs"."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from stackwise.config import LrSchedule, StackWiseConfig
+from stackwise.config import LrSchedule, StackWiseConfig, TrainTokens
+from stackwise.time_units import clock_positions
 from stackwise.training.fits import mask_fraction as _mask_fraction  # noqa: F401 (re-exported)
 from stackwise.training.fits import phase_memory
 from stackwise.training.memory import gib
@@ -17,39 +22,56 @@ from stackwise.training.structure import (  # noqa: F401 (planned_vocab: re-expo
 )
 
 
-def plan_rows(config: StackWiseConfig, total_steps: int, device: str = "cpu", windows: Any = None) -> list[dict[str, Any]]:
-    """One row per phase: steps, tokens, objective, shapes, stacks and blocks, parameters,
-    trainable, lr shape, and the estimated peak memory of its steps on `device`. The structure
-    comes from the run's own growth operators (`apply_model_phase`) replayed on a shapes-only
-    model. `windows(seq_len)` gives the number of training windows (for the activation cache),
-    when the corpus is known."""
-    config = with_growth_schedule(config)
+def plan_rows(config: StackWiseConfig, total_steps: int | None = None, device: str = "cpu", windows: Any = None,
+              train_tokens: TrainTokens = None) -> list[dict[str, Any]]:
+    """One row per phase: its range in t, steps, tokens and epochs, shapes, stacks and blocks,
+    objective, parameters, trainable, lr shape, and the estimated peak memory of its steps on
+    `device`. The structure comes from the run's own growth operators (`apply_model_phase`)
+    replayed on a shapes-only model. `windows(seq_len)` gives the number of training windows (for
+    the activation cache), and `train_tokens` the training split's token count (for epochs: see
+    `StackWiseConfig.time_rates`), when the corpus is known. A config in tokens or epochs is
+    converted to steps first (`total_steps`, if given, is the run length)."""
+    config = with_growth_schedule(config).in_steps(total_steps, train_tokens)
+    total_steps = config.training.total_steps
     ranges = PhaseSchedule.from_config(config, total_steps).step_ranges(total_steps)
+    clocks = clock_positions(ranges, config.time_rates(train_tokens))
     rows = []
     # Shapes only (training/structure.py): a 70B-shaped plan allocates nothing.
     for index, phase, model in replay_phases(config, total_steps):
-        first, end = ranges[index]
         data = resolve_data(config, phase, tau=None)
         optimizer = resolve_optimizer(config.training.optimizer, phase)
         memory = phase_memory(config, model, phase, data, optimizer, device, windows)
-        steps = end - first
+        clock = clocks[index]
+        epochs = clock["epochs"]
         rows.append({
             "phase": phase.name,
             "t": f"{phase.start_t:.3f}-{phase.end_t:.3f}",
-            "steps": steps,
-            "tokens": steps * data["batch_size"] * data["seq_len"],
-            "objective": data["objective"],
+            "steps": "{}-{}".format(*clock["steps"]),
+            "tokens": "-".join(compact(n) for n in clock["tokens"]),
+            "epochs": "-" if epochs is None else "-".join(f"{float(e):.4g}" for e in epochs),
             "batch": f"{data['batch_size']}x{data['seq_len']}",
             "stacks": len(model.rack),
             "blocks": sum(len(stack) for stack in model.rack),  # depth: growth operators change it unevenly
+            "objective": data["objective"],
             "params": model.num_parameters(),
             "trainable": model.num_parameters(trainable_only=True),
             "lr": describe_lr(optimizer.lr),
             "optimizer": optimizer.optimizer_type,
             "mem_GiB": gib(memory.peak(device)),
+            "time": clock,  # exact positions (not printed): steps, tokens, epochs (Fractions, or None)
             "memory": memory,
         })
     return rows
+
+
+def compact(n: int) -> str:
+    """A count as a config may write it: 1280, 553K, 50M, 1.5B (4 significant digits from 10,000)."""
+    if n < 10_000:
+        return str(n)
+    for size, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= size:
+            return f"{n / size:.4g}{suffix}"
+    return str(n)
 
 
 def memory_table(rows: list[dict[str, Any]], device: str) -> str:
@@ -73,7 +95,7 @@ def describe_lr(lr: float | LrSchedule) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    rows = [{k: v for k, v in row.items() if k != "memory"} for row in rows]
+    rows = [{k: v for k, v in row.items() if k not in ("memory", "time")} for row in rows]
     cells = [{k: _fmt(v) for k, v in row.items()} for row in rows]
     widths = {k: max(len(k), *(len(c[k]) for c in cells)) for k in rows[0]}
     lines = ["  ".join(k.ljust(widths[k]) for k in widths)]

@@ -1,4 +1,5 @@
-"""The data plane: corpora, tokenizers, the token cache and the training objectives."""
+"""The data plane: corpora (in every file form: formats.py, token_files.py), tokenizers, the token
+cache and the training objectives."""
 
 from stackwise.data.batch import Batch
 from stackwise.data.cache import resolve_cache_dir
@@ -20,6 +21,7 @@ from stackwise.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     DummyTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     build_tokenizer,
     check_vocab,
@@ -40,6 +42,7 @@ __all__ = [
     "DataError",
     "Document",
     "DummyTokenizer",
+    "SentencePieceTokenizer",
     "TokenSplits",
     "Tokenizer",
     "build_tokenizer",

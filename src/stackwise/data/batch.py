@@ -27,6 +27,9 @@ class Batch:
     n_target_tokens: int  # the loss's denominator
     n_target_bytes: int  # exact UTF-8 bytes of the target tokens
     mask_rates: torch.Tensor | None = None  # (B,) float32: per-sample corruption rate (None for clm)
+    # clm only: some positions are out of the loss (a user batch's `-100` labels or padding), so
+    # the loss uses `loss_mask` instead of scoring every position (training/user_data.py).
+    partial_loss: bool = False
 
     @property
     def n_tokens(self) -> int:

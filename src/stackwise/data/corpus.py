@@ -4,9 +4,13 @@ A corpus is a list of documents. Sources:
 
 - nothing configured (`data.paths: []`): CPython's `pydoc_data.topics.topics`, one document per
   topic, in sorted key order;
-- a plain text file: one document (decoded as UTF-8, a leading BOM dropped);
-- a `.jsonl` file: one document per non-blank line, taken from the object's `data.text_field`;
-- a folder: every `.txt`, `.md`, `.text`, suffix-less and `.jsonl` file below it, recursively, in
+- a file, read in the form its name says (`stackwise.data.formats`): plain text is one document
+  (decoded as UTF-8, a leading BOM dropped), `.jsonl` one per non-blank line (the object's
+  `data.text_field`), `.parquet` one per row of the `data.text_field` column, `.gz` / `.zst` the
+  same once decompressed; `.bin` files hold token ids (`stackwise.data.token_files`) and make a
+  token corpus, which is never mixed with text;
+- a folder: the files below it that `data.include` matches (glob patterns relative to the folder),
+  by default every file with a suffix in `formats.FOLDER_SUFFIXES` or none, recursively, in
   sorted relative-path order; hidden files and folders (name starting with '.') are skipped.
 
 The train/validation split is by document, so no document leaks into both (see `split_corpus`).
@@ -15,30 +19,28 @@ The train/validation split is by document, so no document leaks into both (see `
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import re
 import stat
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from stackwise.data import formats
 from stackwise.data.errors import DataError
-from stackwise.data.files import check_regular, not_regular, read_regular
+from stackwise.data.files import check_regular, not_regular
 
 log = logging.getLogger(__name__)
 
 BUILTIN_NAME = "built-in corpus (pydoc_data.topics)"
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".text", ""})
-JSONL_SUFFIX = ".jsonl"
+TEXT_SUFFIXES = formats.TEXT_SUFFIXES
+JSONL_SUFFIX = formats.JSONL_SUFFIX
 # Bump when the split rule changes: it is part of every cache key derived from a split.
 SPLIT_RULE = "content-blake2b-v1"
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_REPLACEMENT_BYTES = "\ufffd".encode()
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Corpus:
     files: tuple[str, ...] = ()  # every file read, in order (empty for the built-in corpus)
     fingerprint: str = ""  # changes whenever a file's path or bytes change
     replacements: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced
+    token_files: tuple[str, ...] = ()  # a token corpus (.bin files): no documents until split by the cache
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class CorpusSplit:
     val: tuple[str, ...]
     train_bytes: int  # exact UTF-8 byte count of the train texts (bits per byte needs it)
     val_bytes: int
-    rule: str  # "by-document" or "single-document-tail"
+    rule: str  # "by-document", "single-document-tail" or "all-validation"
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,30 +84,30 @@ def builtin_corpus() -> Corpus:
     return Corpus(documents, BUILTIN_NAME, fingerprint=digest.hexdigest())
 
 
-def load_corpus(paths: Sequence[str], text_field: str = "text") -> Corpus:
-    """Read `data.paths` (files, folders, .jsonl); an empty list means the built-in corpus."""
+def load_corpus(paths: Sequence[str], text_field: str = "text", include: Sequence[str] | None = None) -> Corpus:
+    """Read `data.paths` (files and folders, in every form `formats` knows); an empty list means
+    the built-in corpus. `include`: glob patterns choosing the files of a folder (`data.include`)."""
     if not paths:
         return builtin_corpus()
-    files = _unique(f for p in paths for f in _expand(p))
+    files = _unique(f for p in paths for f in _expand(p, include))
     name = describe(paths)
+    kinds = [formats.file_format(f).kind for f in files]
+    if "tokens" in kinds:
+        return _token_corpus(files, kinds, name)
     documents: list[Document] = []
     replacements: dict[str, int] = {}
     digest = hashlib.blake2b(b"files\0", digest_size=16)
     for path in files:
-        data = _read_bytes(path)
-        digest.update(f"{path.resolve()}\0{len(data)}\0".encode())
-        digest.update(hashlib.blake2b(data, digest_size=16).digest())
-        if path.suffix.lower() == JSONL_SUFFIX:
-            docs, bad = _jsonl_documents(data, path, text_field)
-        else:
-            docs, bad = _text_documents(data, path)
-        documents.extend(docs)
-        if bad:
-            replacements[str(path)] = bad
+        read = formats.read_text_file(path, text_field)
+        digest.update(f"{path.resolve()}\0{read.size}\0".encode())
+        digest.update(read.digest)
+        documents.extend(Document(text, source) for text, source in read.records)
+        if read.replacements:
+            replacements[str(path)] = read.replacements
             log.warning(
                 "%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD; re-save the file as UTF-8 to keep them",
                 path,
-                bad,
+                read.replacements,
             )
     if not documents:
         raise DataError(
@@ -115,13 +118,32 @@ def load_corpus(paths: Sequence[str], text_field: str = "text") -> Corpus:
     return Corpus(tuple(documents), name, tuple(str(f) for f in files), digest.hexdigest(), replacements)
 
 
+def _token_corpus(files: list[Path], kinds: list[str], name: str) -> Corpus:
+    """A corpus of `.bin` token files: nothing is read here (they may be gigabytes); the token
+    cache splits and copies them once, keyed by each file's identity."""
+    from stackwise.data.token_files import identity_fingerprint
+
+    text = [f for f, k in zip(files, kinds, strict=True) if k != "tokens"]
+    if text:
+        raise DataError(
+            f"{name}: data.paths mixes token files (.bin) with text files ({describe([str(f) for f in text])}); "
+            "a corpus is either text, tokenized by the run, or token ids: list only one kind (a phase's "
+            "data_config.paths may switch to the other)",
+            text[0],
+        )
+    digest = hashlib.blake2b(b"token-files\0", digest_size=16)
+    for path in files:
+        digest.update(f"{path.resolve()}\0{identity_fingerprint(path)}\0".encode())
+    return Corpus((), name, tuple(str(f) for f in files), digest.hexdigest(), token_files=tuple(str(f) for f in files))
+
+
 def describe(paths: Sequence[str]) -> str:
     """A short label for a list of paths, for messages."""
     shown = ", ".join(str(p) for p in paths[:3])
     return shown if len(paths) <= 3 else f"{shown}, ... ({len(paths)} paths)"
 
 
-def _expand(path_str: str) -> list[Path]:
+def _expand(path_str: str, include: Sequence[str] | None = None) -> list[Path]:
     path = Path(path_str).expanduser()
     if not path.exists():
         raise DataError(
@@ -132,24 +154,39 @@ def _expand(path_str: str) -> list[Path]:
         # A FIFO would block the read forever and /dev/zero never ends: only regular files are corpora.
         check_regular(path, "data.paths", "list regular text or .jsonl files (or folders of them)")
         return [path]
+    if include is None:
+        found = (f for f in path.rglob("*") if formats.in_folder_walk(f))
+    else:
+        found = (f for pattern in include for f in _glob(path, pattern))
     files = sorted(
-        (f for f in path.rglob("*") if _wanted(f, path)), key=lambda f: f.relative_to(path).as_posix()
+        {f for f in found if _wanted(f, path)}, key=lambda f: f.relative_to(path).as_posix()
     )
     if not files:
-        raise DataError(
-            f"data.paths: folder {path} holds no corpus files (looked recursively for .txt, .md, .text, .jsonl "
-            "and suffix-less files, skipping hidden ones); add text files or list the files in data.paths",
-            path,
-        )
+        if include is None:
+            looked = (f"looked recursively for {formats.folder_suffixes()}, skipping hidden ones; .bin token "
+                      "files are read only when listed or matched by data.include")
+            fix = "add corpus files, list the files in data.paths, or set data.include (e.g. ['**/*.py'])"
+        else:
+            looked = f"no file matches data.include {list(include)}, hidden ones skipped"
+            fix = "fix data.include (patterns are relative to the folder; '**/' reaches into subfolders)"
+        raise DataError(f"data.paths: folder {path} holds no corpus files ({looked}); {fix}", path)
     return files
+
+
+def _glob(root: Path, pattern: str) -> list[Path]:
+    if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise DataError(f"data.include: pattern {pattern!r} must be a non-empty path pattern relative to each "
+                        f"folder in data.paths (such as '*.py' or '**/*.md'), without '..'")
+    try:
+        return list(root.glob(pattern))
+    except ValueError as err:
+        raise DataError(f"data.include: pattern {pattern!r} is not a glob pattern ({err})") from None
 
 
 def _wanted(file: Path, root: Path) -> bool:
     parts = file.relative_to(root).parts
     if any(part.startswith(".") for part in parts):
         return False  # .git, .DS_Store and editor swap files are not corpus text
-    if file.suffix.lower() not in TEXT_SUFFIXES and file.suffix.lower() != JSONL_SUFFIX:
-        return False
     try:
         mode = os.stat(file).st_mode  # follows symlinks, as reading would
     except OSError:
@@ -174,67 +211,6 @@ def _unique(files: Iterable[Path]) -> list[Path]:
     return out
 
 
-def _read_bytes(path: Path) -> bytes:
-    return read_regular(path, "data.paths", "list regular text or .jsonl files (or folders of them)")
-
-
-def _decode(data: bytes) -> tuple[str, int]:
-    """UTF-8 text and the number of invalid byte sequences replaced by U+FFFD."""
-    try:
-        return data.decode("utf-8-sig"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8-sig", errors="replace")
-        # Each invalid sequence becomes one U+FFFD; genuine U+FFFD characters in the file are not counted.
-        return text, text.count("\ufffd") - data.count(_REPLACEMENT_BYTES)
-
-
-def _text_documents(data: bytes, path: Path) -> tuple[list[Document], int]:
-    text, bad = _decode(data)
-    return ([Document(text, str(path))] if text.strip() else []), bad
-
-
-def _jsonl_documents(data: bytes, path: Path, text_field: str) -> tuple[list[Document], int]:
-    text, bad = _decode(data)
-    documents = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno}); "
-                "each line of a .jsonl file must be one JSON object",
-                path,
-            ) from None
-        except RecursionError:
-            raise DataError(
-                f"{path} line {number}: JSON nested too deeply to read (more than about "
-                f"{sys.getrecursionlimit()} levels); each line must be one JSON object with a '{text_field}' string",
-                path,
-            ) from None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            raise DataError(_field_problem(path, number, record, text_field), path)
-        if _SURROGATE.search(value):
-            # JSON may spell lone surrogates ("\ud800"); they cannot be encoded as UTF-8.
-            value, n = _SURROGATE.subn("\ufffd", value)
-            bad += n
-        if value.strip():
-            documents.append(Document(value, f"{path}:{number}"))
-    return documents, bad
-
-
-def _field_problem(path: Path, number: int, record: object, text_field: str) -> str:
-    where = f"{path} line {number}"
-    if not isinstance(record, dict):
-        return f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}"
-    if text_field not in record:
-        keys = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-        return f"{where}: no '{text_field}' field (keys: {keys}); set data.text_field to the key that holds the text"
-    return f"{where}: field '{text_field}' must be a string, got {type(record[text_field]).__name__}"
-
-
 # --------------------------------------------------------------------------------------------
 # splitting
 
@@ -245,8 +221,26 @@ def document_score(text: str) -> float:
     Content, not position or file name, is the document's identity: moving or renaming files
     keeps every document in its split, and exact duplicates always land in the same split.
     """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"stackwise-split").digest()
-    return int.from_bytes(digest, "big") / 2.0**64
+    return score_of(hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"stackwise-split"))
+
+
+def score_of(digest: Any) -> float:
+    """[0, 1) from an 8-byte blake2b (person "stackwise-split") fed a document's content."""
+    return int.from_bytes(digest.digest(), "big") / 2.0**64
+
+
+def assign_validation(scores: Sequence[float] | np.ndarray, val_fraction: float) -> np.ndarray:
+    """Which documents go to validation: those scoring below `val_fraction`, with at least one
+    document on each side (see `split_corpus`)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    in_val = scores < val_fraction
+    if not in_val.any():
+        in_val = scores == scores.min()
+    if in_val.all():
+        in_val = scores != scores.max()
+        if not in_val.any():  # every document has the same content
+            in_val[-1] = True
+    return in_val
 
 
 def split_corpus(corpus: Corpus, val_fraction: float) -> CorpusSplit:
@@ -256,23 +250,19 @@ def split_corpus(corpus: Corpus, val_fraction: float) -> CorpusSplit:
     get at least one document: if none scored low enough the lowest-scoring one moves to
     validation; if all did, the highest-scoring one moves back to train. A corpus of one
     document is split inside it instead: its last ceil(val_fraction · characters) characters
-    are the validation text.
+    are the validation text. `val_fraction` ≥ 1 puts every document in validation (what scoring a
+    whole corpus, `stackwise eval --data`, needs).
     """
+    if corpus.token_files:
+        raise ValueError("a token corpus is split by the token cache (token_files.write_token_splits)")
     texts = [d.text for d in corpus.documents]
+    if val_fraction >= 1:
+        return _make_split([], texts, "all-validation")
     if len(texts) == 1:
         text = texts[0]
         cut = len(text) - max(1, math.ceil(len(text) * val_fraction))
         return _make_split([text[:cut]], [text[cut:]], "single-document-tail")
-    scores = [document_score(t) for t in texts]
-    in_val = [s < val_fraction for s in scores]
-    if not any(in_val):
-        low = min(scores)
-        in_val = [s == low for s in scores]
-    if all(in_val):
-        high = max(scores)
-        in_val = [s != high for s in scores]
-        if all(not v for v in in_val):  # every document has the same content
-            in_val = [i == len(texts) - 1 for i in range(len(texts))]
+    in_val = assign_validation([document_score(t) for t in texts], val_fraction).tolist()
     train = [t for t, v in zip(texts, in_val, strict=True) if not v]
     val = [t for t, v in zip(texts, in_val, strict=True) if v]
     return _make_split(train, val, "by-document")

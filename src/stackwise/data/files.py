@@ -5,7 +5,8 @@ never end; a tape or terminal device may act on being opened. So every file the 
 (corpus files, `tokenizer.json`, `tokenizer_config.json`, token cache metadata) is first
 `os.stat`-ed (following symlinks) and refused unless it is a regular file, then opened with
 O_NONBLOCK (a regular file ignores it; a FIFO swapped in after the stat cannot block) and checked
-again with `fstat` on the open descriptor before a byte is read.
+again with `fstat` on the open descriptor before a byte is read. `read_regular` reads the whole
+file; `open_regular` hands the open file to a reader that streams it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from stackwise.data.errors import DataError
 
@@ -47,8 +49,10 @@ def check_regular(path: str | os.PathLike[str], what: str, fix: str = "point it 
     return st
 
 
-def read_regular(path: str | os.PathLike[str], what: str, fix: str = "point it at a regular file") -> bytes:
-    """The bytes of the regular file `path`; a DataError naming it if it is anything else or unreadable."""
+def open_regular(path: str | os.PathLike[str], what: str, fix: str = "point it at a regular file") -> BinaryIO:
+    """The regular file `path` opened for binary reading (the caller closes it); a DataError naming
+    it if it is anything else or cannot be opened. For files read as a stream (compressed corpora,
+    parquet, token files) instead of all at once."""
     path = Path(path)
     check_regular(path, what, fix)
     try:
@@ -60,9 +64,17 @@ def read_regular(path: str | os.PathLike[str], what: str, fix: str = "point it a
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # replaced between the stat and the open
             raise not_regular(path, st.st_mode, what, fix)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as err:
-        raise DataError(f"{what}: cannot read {path} ({err.strerror})", path) from None
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str], what: str, fix: str = "point it at a regular file") -> bytes:
+    """The bytes of the regular file `path`; a DataError naming it if it is anything else or unreadable."""
+    path = Path(path)
+    with open_regular(path, what, fix) as f:
+        try:
+            return f.read()
+        except OSError as err:
+            raise DataError(f"{what}: cannot read {path} ({err.strerror})", path) from None

@@ -9,7 +9,9 @@
 
 mlm and diffusion see T tokens and predict the same T tokens (no shift). Both guarantee at least
 one selected position per sample (the position with the smallest draw), so no sample has an
-empty loss.
+empty loss. `eligible` (B, T bool, optional) limits selection to some positions (a user batch's
+padding or `-100` labels: training/user_data.py); the draws are the same, an ineligible
+position is simply never selected, and a sample without an eligible position has none.
 
 Randomness never comes from global state: each sample's corruption is drawn from its own
 `torch.Generator`, seeded by a blake2b hash of (seed, phase, sample id, objective, rate setting).
@@ -68,6 +70,7 @@ def mlm(
     regular_ids: torch.Tensor,
     seed: int,
     phase: int | str,
+    eligible: torch.Tensor | None = None,
 ) -> Corrupted:
     """(B, T) tokens → masked-LM inputs; labels are the original tokens, loss on selected positions."""
     if not 0 < rate <= 1:
@@ -76,7 +79,7 @@ def mlm(
     selected = torch.zeros(tokens.shape, dtype=torch.bool)
     for b, sample_id in enumerate(sample_ids):
         g = sample_generator(seed, phase, int(sample_id), "mlm", float(rate))
-        sel = _select(tokens.shape[1], rate, g)
+        sel = _select(tokens.shape[1], rate, g, None if eligible is None else eligible[b])
         action = torch.rand(tokens.shape[1], generator=g)
         random_ids = regular_ids[torch.randint(len(regular_ids), (tokens.shape[1],), generator=g)]
         row = inputs[b]
@@ -96,6 +99,7 @@ def diffusion(
     mask_id: int,
     seed: int,
     phase: int | str,
+    eligible: torch.Tensor | None = None,
 ) -> Corrupted:
     """(B, T) tokens → masked-diffusion inputs: rate r ~ U[lo, hi] per sample, masked → [MASK],
     loss weight 1/r on masked positions (the MDLM/LLaDA ELBO weight)."""
@@ -109,7 +113,7 @@ def diffusion(
     for b, sample_id in enumerate(sample_ids):
         g = sample_generator(seed, phase, int(sample_id), "diffusion", lo, hi)
         r = lo + (hi - lo) * torch.rand(1, generator=g, dtype=torch.float64).item()
-        sel = _select(tokens.shape[1], r, g)
+        sel = _select(tokens.shape[1], r, g, None if eligible is None else eligible[b])
         inputs[b][sel] = mask_id
         selected[b] = sel
         weight[b][sel] = 1.0 / r
@@ -117,9 +121,14 @@ def diffusion(
     return Corrupted(inputs, tokens.clone(), selected, weight, rates.float())
 
 
-def _select(length: int, rate: float, g: torch.Generator) -> torch.Tensor:
-    """Positions whose uniform draw falls below `rate`; at least one (the smallest draw)."""
+def _select(length: int, rate: float, g: torch.Generator, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions whose uniform draw falls below `rate`; at least one (the smallest draw), among
+    the `eligible` positions when given (none if no position is eligible)."""
     u = torch.rand(length, generator=g)
+    if eligible is not None:
+        if not bool(eligible.any()):
+            return torch.zeros(length, dtype=torch.bool)
+        u = torch.where(eligible, u, torch.full_like(u, 2.0))  # above any rate (≤ 1): never selected
     sel = u < rate
     if not sel.any():
         sel[u.argmin()] = True

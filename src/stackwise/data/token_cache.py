@@ -12,8 +12,12 @@ skips the hash (any write to a file, even one that puts its mtime back, changes 
 damaged entry is rebuilt with a warning naming the file and what is wrong with it.
 
 The key hashes everything the arrays depend on: the corpus fingerprint (each file's resolved path
-and a hash of its bytes, so an edited file invalidates), the tokenizer (kind + hash of its
-definition), `val_fraction`, `text_field`, the split rule and this format's version.
+and a hash of its bytes, so an edited file invalidates; for token files their identity), the
+tokenizer (kind + hash of its definition), `val_fraction`, `text_field`, the split rule, the item
+size token files are read with, and this format's version.
+
+A token corpus (`.bin` files) is not tokenized: `token_files.write_token_splits` checks, splits and
+copies its ids into the same two files.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from stackwise.data.cache import atomic_write_text, cache_error, ensure_writable
 from stackwise.data.corpus import SPLIT_RULE, Corpus, CorpusSplit, split_corpus
 from stackwise.data.errors import DataError
 from stackwise.data.files import read_regular
+from stackwise.data.token_files import TOKEN_SPLIT_RULE, open_token_file, write_token_splits
 from stackwise.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,8 @@ class TokenSplits:
     key: str = ""  # cache key; "" when not cached (dummy data)
     train_file: str = ""  # the cache files the arrays are mapped from ("" when not cached)
     val_file: str = ""
+    train_docs: int = 0  # documents in each split (0 when unknown: dummy data)
+    val_docs: int = 0
 
     def source(self, split: str) -> str:
         """What to name in a message about `split`'s tokens: its cache file, or the stream."""
@@ -71,7 +78,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, text_field: str) -> str:
+def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, text_field: str,
+              token_dtypes: Sequence[str] = ()) -> str:
     parts = [
         FORMAT,
         SPLIT_RULE,
@@ -81,6 +89,8 @@ def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, text_fi
         repr(float(val_fraction)),
         text_field,
     ]
+    if corpus.token_files:  # how each file's bytes are read is part of what its ids are
+        parts += [TOKEN_SPLIT_RULE, ",".join(token_dtypes)]
     return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
 
 
@@ -115,11 +125,14 @@ def load_token_splits(
     text_field: str,
     cache_dir: Path,
     split: CorpusSplit | None = None,
+    bin_dtype: str = "auto",
 ) -> TokenSplits:
     """The cached token arrays of `corpus`, tokenizing (once) on a miss; a damaged entry is
     rebuilt with a warning. A cache folder that cannot be written when an entry must be built is
-    a DataError naming it."""
-    key = cache_key(corpus, tokenizer, val_fraction, text_field)
+    a DataError naming it. `val_fraction` ≥ 1: every document in validation. `bin_dtype`: the
+    item size of `.bin` files whose name does not say (`data.bin_dtype`)."""
+    token_files = [open_token_file(Path(f), bin_dtype, tokenizer) for f in corpus.token_files]
+    key = cache_key(corpus, tokenizer, val_fraction, text_field, [f.dtype.name for f in token_files])
     folder = cache_dir / "tokens" / key
     cached, problem = _open(folder, key, corpus.name)
     if cached is not None:
@@ -130,8 +143,9 @@ def load_token_splits(
                     else f"rebuilding the damaged token cache entry {folder.name} ({problem})")
     if problem is not None:
         shutil.rmtree(folder, ignore_errors=True)
-    split = split or split_corpus(corpus, val_fraction)
-    _build(folder, key, corpus, tokenizer, split, val_fraction, text_field)
+    if not token_files:
+        split = split or split_corpus(corpus, val_fraction)
+    _build(folder, key, corpus, tokenizer, split, val_fraction, text_field, token_files)
     opened, problem = _open(folder, key, corpus.name)
     if opened is None:  # only if the folder vanished or was corrupted right after we wrote it
         raise DataError(f"token cache entry {folder} could not be read back after writing it ({problem})", folder)
@@ -143,9 +157,10 @@ def _build(
     key: str,
     corpus: Corpus,
     tokenizer: Tokenizer,
-    split: CorpusSplit,
+    split: CorpusSplit | None,
     val_fraction: float,
     text_field: str,
+    token_files: Sequence[Any] = (),
 ) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
     try:
@@ -154,13 +169,25 @@ def _build(
         raise cache_error(folder.parent, err, "writing the token cache") from None
     try:
         counts, checksums = {}, {}
-        for name, texts in (("train", split.train), ("val", split.val)):
-            digest = _new_digest()
-            with open(tmp / f"{name}.bin", "wb") as f:
-                counts[name] = tokenize_documents(tokenizer, texts, f, dtype, digest)
-                f.flush()
-                os.fsync(f.fileno())
-            checksums[f"{name}.bin"] = digest.hexdigest()
+        if split is not None:
+            n_docs, n_bytes, rule = [len(split.train), len(split.val)], [split.train_bytes, split.val_bytes], split.rule
+            for name, texts in (("train", split.train), ("val", split.val)):
+                digest = _new_digest()
+                with open(tmp / f"{name}.bin", "wb") as f:
+                    counts[name] = tokenize_documents(tokenizer, texts, f, dtype, digest)
+                    f.flush()
+                    os.fsync(f.fileno())
+                checksums[f"{name}.bin"] = digest.hexdigest()
+        else:
+            digests = [_new_digest(), _new_digest()]
+            with open(tmp / "train.bin", "wb") as train, open(tmp / "val.bin", "wb") as val:
+                made = write_token_splits(token_files, tokenizer, val_fraction, (train, val), digests, dtype)
+                for f in (train, val):
+                    f.flush()
+                    os.fsync(f.fileno())
+            counts = dict(zip(_SPLITS, made.tokens, strict=True))
+            checksums = {f"{name}.bin": d.hexdigest() for name, d in zip(_SPLITS, digests, strict=True)}
+            n_docs, n_bytes, rule = made.documents, made.bytes, made.rule
         meta = {
             "format": FORMAT,
             "key": key,
@@ -174,23 +201,29 @@ def _build(
             },
             "val_fraction": val_fraction,
             "text_field": text_field,
-            "split_rule": split.rule,
-            "n_train_docs": len(split.train),
-            "n_val_docs": len(split.val),
+            "split_rule": rule,
+            "n_train_docs": n_docs[0],
+            "n_val_docs": n_docs[1],
             "n_train_tokens": counts["train"],
             "n_val_tokens": counts["val"],
-            "train_bytes": split.train_bytes,
-            "val_bytes": split.val_bytes,
+            "train_bytes": n_bytes[0],
+            "val_bytes": n_bytes[1],
             "checksum": CHECKSUM,
             "checksums": checksums,
         }
+        if token_files:
+            meta["token_files"] = [{"path": str(f.path), "dtype": f.dtype.name} for f in token_files]
         _write_durably(tmp / "meta.json", json.dumps(meta, indent=2))
-        _check_bytes(tmp, meta, tokenizer)
+        if split is not None:  # token files: the bytes were counted from the ids themselves
+            _check_bytes(tmp, meta, tokenizer)
         _stamp(tmp, meta)  # the hashes were taken from the bytes as written: no need to read them back
         publish_dir(tmp, folder)
     except OSError as err:  # a full disk, or the folder made read-only under us
         shutil.rmtree(tmp, ignore_errors=True)
-        need = (split.train_bytes + split.val_bytes + len(split.train) + len(split.val)) * dtype.itemsize
+        if split is not None:
+            need = (split.train_bytes + split.val_bytes + len(split.train) + len(split.val)) * dtype.itemsize
+        else:
+            need = sum(len(f.tokens) for f in token_files) * dtype.itemsize
         raise cache_error(folder.parent, err, f"writing the token cache entry {folder.name} "
                           f"(up to {need / 2**20:.1f} MiB)") from None
     except BaseException:
@@ -207,10 +240,9 @@ def _write_durably(path: Path, text: str) -> None:
 
 def _check_bytes(folder: Path, meta: dict, tokenizer: Tokenizer) -> None:
     # Bits per byte counts bytes through token_byte_lengths; say so if that disagrees with the text.
-    lengths = tokenizer.token_byte_lengths
     for name in ("train", "val"):
-        tokens = np.fromfile(folder / f"{name}.bin", dtype=meta["dtype"])
-        counted = int(lengths[tokens].sum()) if tokens.size else 0
+        tokens = np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r") if meta[f"n_{name}_tokens"] else []
+        counted = stream_bytes(tokenizer, tokens)
         if counted != meta[f"{name}_bytes"] and tokenizer.kind != "dummy":
             log.warning(
                 "%s: %s tokens decode to %d bytes but the text has %d; bits per byte will be off by that ratio "
@@ -220,6 +252,16 @@ def _check_bytes(folder: Path, meta: dict, tokenizer: Tokenizer) -> None:
                 counted,
                 meta[f"{name}_bytes"],
             )
+
+
+def stream_bytes(tokenizer: Tokenizer, tokens: np.ndarray | Sequence[int], chunk: int = 1 << 22) -> int:
+    """`tokenizer.count_bytes` of a whole token stream, read in chunks (a memmap is never loaded whole)."""
+    total, opens = 0, True
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start : start + chunk])
+        total += tokenizer.count_bytes(part, opens_document=opens)
+        opens = bool(part[-1] == tokenizer.eos_id)
+    return total
 
 
 # ---- integrity ------------------------------------------------------------------------------
@@ -308,7 +350,7 @@ def _open(folder: Path, key: str, name: str) -> tuple[TokenSplits | None, str | 
             n = int(meta[f"n_{split}_tokens"])
             arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype))
         splits = TokenSplits(arrays[0], arrays[1], int(meta["train_bytes"]), int(meta["val_bytes"]), name, key,
-                             str(files[0]), str(files[1]))
+                             str(files[0]), str(files[1]), int(meta["n_train_docs"]), int(meta["n_val_docs"]))
     except DataError as err:  # meta.json not a regular file, unreadable
         return None, str(err)
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:

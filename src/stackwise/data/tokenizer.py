@@ -1,8 +1,11 @@
-"""Tokenizers: raw bytes, byte-level BPE (HF `tokenizers`), and the dummy one for random data.
+"""Tokenizers: raw bytes, HF `tokenizers` files (byte-level BPE, or SentencePiece style with byte
+fallback), and the dummy one for random data.
 
 Every tokenizer has the three special tokens [PAD], [MASK] and [EOS] ([EOS] separates documents)
 and knows, for each id, the exact number of UTF-8 bytes it decodes to (0 for specials), which is
-what makes bits per byte exact and comparable across tokenizers.
+what makes bits per byte exact and comparable across tokenizers. A SentencePiece-style tokenizer
+also puts a "▁" (its dummy prefix, not text) at the start of every document: `dummy_prefix_bytes`
+says which ids carry it, and `count_bytes` leaves it out for the token that opens a document.
 
 A run directory always holds a `tokenizer.json`: the HF file for BPE, a small stackwise JSON for
 the byte and dummy tokenizers. `load_tokenizer` reads either.
@@ -14,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -64,6 +68,29 @@ class Tokenizer(ABC):
     @abstractmethod
     def token_byte_lengths(self) -> np.ndarray:
         """int64 array (vocab_size,): UTF-8 bytes each id decodes to; 0 for special tokens."""
+
+    @property
+    def dummy_prefix_bytes(self) -> np.ndarray | None:
+        """None, or int64 array (vocab_size,): bytes of each id that are the tokenizer's own dummy
+        prefix, not text, when the id opens a document (1 for SentencePiece pieces starting with
+        "▁"). A token opens a document at the start of a stream and right after [EOS]."""
+        return None
+
+    def count_bytes(self, ids: Sequence[int] | np.ndarray, opens_document: bool = True) -> int:
+        """The exact UTF-8 bytes of the text a token stream stands for: `token_byte_lengths`
+        summed, less the dummy prefix of every token that opens a document (the first one when
+        `opens_document`, and each one after [EOS])."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not ids.size:
+            return 0
+        total = int(self.token_byte_lengths[ids].sum())
+        prefix = self.dummy_prefix_bytes
+        if prefix is not None:
+            starts = np.empty(ids.size, dtype=bool)
+            starts[0] = opens_document
+            np.equal(ids[:-1], self.eos_id, out=starts[1:])
+            total -= int(prefix[ids[starts]].sum())
+        return total
 
     @property
     def special_ids(self) -> tuple[int, int, int]:
@@ -153,9 +180,11 @@ class BPETokenizer(Tokenizer):
     Its end-of-text token serves as [EOS] (`<|endoftext|>`, `</s>`, ..., or the `eos_token` of a
     `tokenizer_config.json` beside it); [PAD] and [MASK] are added as new ids when it lacks them,
     and `added` says which tokens were added (the vocabulary grows by as many).
+    `from_file` hands SentencePiece-style files to `SentencePieceTokenizer`.
     """
 
-    kind = "bpe"
+    kind = "bpe"  # an HF tokenizer.json (byte-level or SentencePiece style; `style` says which)
+    style = "byte-level"
 
     def __init__(self, hf: Any, source: str = "<memory>", eos_token: str | None = None):
         self.hf = hf
@@ -163,7 +192,7 @@ class BPETokenizer(Tokenizer):
         # special id, and decoding (which drops specials) would no longer give the text back.
         self.hf.encode_special_tokens = True
         self.source = source
-        self._check_byte_level()
+        self._check()
         self.added: list[str] = []
         eos = self._find(eos_token, _EOS_NAMES, "[EOS]")
         pad = self._find(None, _PAD_NAMES, "[PAD]")
@@ -181,15 +210,16 @@ class BPETokenizer(Tokenizer):
         self.added.append(ours)
         return ours
 
-    def _check_byte_level(self) -> None:
+    def _check(self) -> None:
         body = json.loads(self.hf.to_str())
         decoder = body.get("decoder") or {}
-        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or [] if isinstance(d, dict)}
-        if "ByteLevel" not in kinds:
+        if "ByteLevel" not in _types(decoder):
             raise DataError(
-                f"{self.source}: only byte-level BPE tokenizers are supported (decoder is "
-                f"{decoder.get('type')!r}, not 'ByteLevel'): bits per byte needs each token's exact bytes; "
-                "use a byte-level tokenizer.json (GPT-2, Qwen2, Llama 3 style) or let stackwise train one",
+                f"{self.source}: only byte-level BPE and SentencePiece-style (byte fallback) tokenizers are "
+                f"supported (decoder is {decoder.get('type')!r}, not 'ByteLevel'; no Metaspace or '▁' "
+                "replacement either): bits per byte needs each token's exact bytes; use a byte-level "
+                "tokenizer.json (GPT-2, Qwen2, Llama 3 style), a SentencePiece-style one (Llama 2, Mistral) "
+                "or let stackwise train one",
                 self.source,
             )
 
@@ -229,6 +259,8 @@ class BPETokenizer(Tokenizer):
                 f"{path}: not a valid tokenizer.json ({err}); point data.tokenizer.path at a tokenizers file",
                 path,
             ) from None
+        if cls is BPETokenizer and _sentencepiece_style(json.loads(hf.to_str())):
+            cls = SentencePieceTokenizer
         return cls(hf, source=str(path), eos_token=_configured_eos(Path(path)))
 
     @property
@@ -266,6 +298,194 @@ class BPETokenizer(Tokenizer):
                     self.source,
                 )
         return lengths
+
+
+class SentencePieceTokenizer(BPETokenizer):
+    """A SentencePiece-style `tokenizer.json` with byte fallback, as Llama 2 and Mistral ship it:
+    spaces written "▁" (normalizer Replace(" ", "▁"), with Prepend("▁") in the legacy form, or a
+    Metaspace pre-tokenizer), a BPE or Unigram model whose `<0xNN>` tokens spell any byte the
+    vocabulary lacks.
+
+    Byte lengths are exact: "▁" is one byte (a space), `<0xNN>` one byte, any other piece its UTF-8
+    length. Where the tokenizer prepends a "▁" to the text (SentencePiece's dummy prefix), it is
+    prepended always, as SentencePiece does (HF's Metaspace skips it when the text starts with a
+    space, and then cannot give that space back): the first token of every document carries it,
+    `dummy_prefix_bytes` marks it, and decoding drops it. So `decode(encode(text)) == text` and
+    `count_bytes(encode(text)) == len(text.encode())` for every text without a literal "▁"
+    (U+2581), which SentencePiece itself reads as a space.
+
+    Decoding is done here, piece by piece (HF's Metaspace decoder drops every "▁" of the first
+    token, not only the prefix); a token right after [EOS] opens a document and loses its prefix too.
+    """
+
+    style = "sentencepiece"
+
+    def __init__(self, hf: Any, source: str = "<memory>", eos_token: str | None = None):
+        super().__init__(hf, source, eos_token)
+        self._self_test()
+
+    def _check(self) -> None:
+        body = json.loads(self.hf.to_str())
+        model = body.get("model") or {}
+        problem = None
+        if model.get("type") not in ("BPE", "Unigram"):
+            problem = f"its model is {model.get('type')!r}, not BPE or Unigram"
+        elif not model.get("byte_fallback"):
+            problem = "its model has no byte fallback, so a character outside the vocabulary becomes <unk>"
+        else:
+            normalizers = _parts(body.get("normalizer"), "normalizers")
+            pre_tokenizers = _parts(body.get("pre_tokenizer"), "pretokenizers")
+            bad_norm = [n.get("type") for n in normalizers if not _sp_normalizer(n)]
+            bad_pre = [p.get("type") for p in pre_tokenizers if p.get("type") not in _SP_PRE_TOKENIZERS]
+            if bad_norm:
+                problem = f"its normalizer {bad_norm[0]!r} changes the text (only Prepend('▁') and Replace(' ', '▁') keep it)"
+            elif bad_pre:
+                problem = f"its pre-tokenizer {bad_pre[0]!r} is not one that keeps the text"
+            else:
+                meta = [p for p in pre_tokenizers if p.get("type") == "Metaspace"]
+                self.prepends = any(n.get("type") == "Prepend" for n in normalizers) or any(
+                    p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+                    for p in meta
+                )
+                if self.prepends and self.hf.token_to_id(_SPACE) is None:
+                    problem = "it prepends '▁' but has no '▁' token"
+        if problem:
+            raise DataError(
+                f"{self.source}: this SentencePiece-style tokenizer cannot be used: {problem}; bits per byte "
+                "needs every text encoded exactly (Llama 2 / Mistral style files work)",
+                self.source,
+            )
+
+    @cached_property
+    def _encoder(self) -> Any:
+        """The tokenizer with its own prefix switched off: `encode` prepends the space itself."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not self.prepends:
+            return self.hf
+        body = json.loads(self.hf.to_str())
+        normalizer = body.get("normalizer")
+        if normalizer and normalizer.get("type") == "Prepend":
+            body["normalizer"] = None
+        elif normalizer and normalizer.get("type") == "Sequence":
+            normalizer["normalizers"] = [n for n in normalizer["normalizers"] if n.get("type") != "Prepend"]
+        for p in _parts(body.get("pre_tokenizer"), "pretokenizers"):
+            if p.get("type") == "Metaspace":
+                p["prepend_scheme"] = "never"
+                p.pop("add_prefix_space", None)
+        encoder = HFTokenizer.from_str(json.dumps(body))
+        encoder.encode_special_tokens = True
+        return encoder
+
+    def _prepared(self, text: str) -> str:
+        # " " becomes "▁": the dummy prefix, always there, as SentencePiece's add_dummy_prefix.
+        return " " + text if self.prepends else text
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self._encoder.encode(self._prepared(text), add_special_tokens=False).ids
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encoded = self._encoder.encode_batch([self._prepared(t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids if t else [], dtype=np.int64) for t, e in zip(texts, encoded, strict=True)]
+
+    @cached_property
+    def _pieces(self) -> tuple[list[bytes | None], np.ndarray]:
+        """Per id: the bytes it decodes to (None for a special token), and whether it starts
+        with "▁" (the place a dummy prefix can be)."""
+        pieces: list[bytes | None] = [None] * self.vocab_size
+        opens = np.zeros(self.vocab_size, dtype=bool)
+        added = self.hf.get_added_tokens_decoder()
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                pieces[i] = None if added[i].special else added[i].content.encode("utf-8")
+            elif (m := _BYTE_TOKEN.fullmatch(token)) is not None:
+                pieces[i] = bytes([int(m.group(1), 16)])
+            else:
+                pieces[i] = token.replace(_SPACE, " ").encode("utf-8")
+                opens[i] = token.startswith(_SPACE)
+        return pieces, opens
+
+    @cached_property
+    def token_byte_lengths(self) -> np.ndarray:
+        pieces, _ = self._pieces
+        return np.array([0 if p is None else len(p) for p in pieces], dtype=np.int64)
+
+    @cached_property
+    def _prefix(self) -> np.ndarray | None:
+        return self._pieces[1].astype(np.int64) if self.prepends else None
+
+    @property
+    def dummy_prefix_bytes(self) -> np.ndarray | None:
+        return self._prefix
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        pieces, opens = self._pieces
+        out = bytearray()
+        at_start = True
+        for i in (int(x) for x in ids):
+            piece = pieces[i]
+            if piece is None:  # a special token
+                if not skip_special:
+                    out += (self.hf.id_to_token(i) or "").encode("utf-8")
+                at_start = at_start or i == self.eos_id
+                continue
+            out += piece[1:] if at_start and self.prepends and opens[i] else piece
+            at_start = False
+        return out.decode("utf-8", errors="replace")
+
+    def _self_test(self) -> None:
+        for probe in _PROBES:
+            ids = self.encode(probe)
+            back, counted = self.decode(ids), self.count_bytes(ids)
+            if back != probe or counted != len(probe.encode("utf-8")):
+                raise DataError(
+                    f"{self.source}: this SentencePiece-style tokenizer does not encode text exactly "
+                    f"({probe!r} decodes to {back!r}, {counted} bytes counted for {len(probe.encode())}); "
+                    "bits per byte needs an exact round trip",
+                    self.source,
+                )
+
+
+_SPACE = "\u2581"  # "▁", SentencePiece's visible space
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SP_PRE_TOKENIZERS = frozenset({"Metaspace", "Split", "Digits", "Punctuation"})  # none of them drops text
+_PROBES = ("Hello, world!", "  two leading spaces,\ttabs\nand lines ", "naïve café, 日本語, 🙂 and \x00")
+
+
+def _types(section: Any) -> set[Any]:
+    """The `type` of a tokenizer.json section and of the parts of a Sequence."""
+    if not isinstance(section, dict):
+        return set()
+    parts = [d for key in ("decoders", "normalizers", "pretokenizers") for d in section.get(key) or []]
+    return {section.get("type")} | {d.get("type") for d in parts if isinstance(d, dict)}
+
+
+def _parts(section: Any, key: str) -> list[dict]:
+    """The steps of a normalizer / pre-tokenizer section: itself, or its Sequence's parts."""
+    if not isinstance(section, dict):
+        return []
+    if section.get("type") == "Sequence":
+        return [d for d in section.get(key) or [] if isinstance(d, dict)]
+    return [section]
+
+
+def _sp_normalizer(step: dict) -> bool:
+    if step.get("type") == "Prepend":
+        return step.get("prepend") == _SPACE
+    if step.get("type") == "Replace":
+        return (step.get("pattern") or {}).get("String") == " " and step.get("content") == _SPACE
+    return False
+
+
+def _sentencepiece_style(body: dict) -> bool:
+    """A tokenizer.json that writes spaces as "▁" (and is not byte-level)."""
+    if "ByteLevel" in _types(body.get("decoder")) | _types(body.get("pre_tokenizer")):
+        return False
+    return "Metaspace" in _types(body.get("pre_tokenizer")) or any(
+        n.get("type") == "Replace" and n.get("content") == _SPACE for n in _parts(body.get("normalizer"), "normalizers")
+    )
 
 
 # A pretrained tokenizer's own tokens for the three roles, in order of preference.

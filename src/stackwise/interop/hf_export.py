@@ -10,11 +10,14 @@ blocks in rack order as layers 0..L-1. See docs/interop.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,11 +72,52 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _reason(err: OSError) -> str:
+    """An OSError as a short cause: "Permission denied: '/x/y'"."""
+    if err.strerror and err.filename:
+        return f"{err.strerror}: {str(err.filename)!r}"
+    return err.strerror or str(err) or type(err).__name__
+
+
+def _target(out: Path) -> Path:
+    """The folder the export becomes: OUT itself, or the folder a symlink OUT points to."""
+    return out.resolve() if out.is_symlink() else out
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder; choose a new folder for the export")
-    if out.is_dir() and any(out.iterdir()):
-        raise ExportError(f"{out}: exists and is not empty; choose a new (or empty) folder for the export")
+    """Refuse an OUT the export cannot (or must not) become, before any expensive work: a file, a
+    symlink to a non-folder, a non-empty folder, a parent that is a file, one we cannot write in."""
+    try:
+        if out.is_symlink() and not out.is_dir():
+            what = "is not a folder" if out.exists() else "does not exist"
+            raise ExportError(f"{out}: is a symlink to {os.readlink(out)}, which {what}; "
+                              "choose a new folder for the export")
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"{out}: exists and is not a folder; choose a new folder for the export")
+        if out.is_dir() and any(out.iterdir()):
+            raise ExportError(f"{out}: exists and is not empty; choose a new (or empty) folder for the export")
+        missing = _missing_parents(_target(out).parent)
+        parent = missing[0].parent if missing else _target(out).parent
+        if not parent.is_dir():
+            raise ExportError(f"{out}: {parent} is not a folder; choose another place for the export")
+        # A real probe, not os.access: root passes access() on a read-only file system.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-probe", dir=parent))
+        except OSError as err:
+            raise ExportError(f"{out}: cannot create a folder in {parent} ({err.strerror or err}); "
+                              "choose a folder you can write to") from None
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the export there ({_reason(err)}); "
+                          "choose a folder you can write to") from None
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -372,28 +416,62 @@ def write_hf_folder(
     if files is None:
         warn("no tokenizer written: the run has no text tokenizer (dummy data); the weights still export, "
              "but AutoTokenizer cannot load this folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(_mkdtemp(out))
+    target = _target(out)  # a symlink to an empty folder: the export replaces that folder
+    umask = _umask()
+    # What a plain mkdir / open would give (mkdtemp's folder is 0700), or an empty OUT's own mode.
+    folder_mode = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else 0o777 & ~umask
+    file_mode = 0o666 & ~umask
+    made: list[Path] = []
+    tmp: Path | None = None
+    removed = False
     try:
+        for parent in _missing_parents(target.parent):
+            parent.mkdir()
+            made.append(parent)
+        tmp = Path(_mkdtemp(target))
         _write_json(tmp / "config.json", config)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         _write_json(tmp / "generation_config.json", {"_from_model_config": False, **generation})
         _write_weights(tmp, tensors, max_bytes)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.is_dir():
+        for path in tmp.iterdir():
+            path.chmod(file_mode)
+        tmp.chmod(folder_mode)
+        if target.is_dir():
             _check_out(out)  # still empty: replace it
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            target.rmdir()
+            removed = True
+        os.replace(tmp, target)
+    except BaseException as err:
+        _undo(tmp, target if removed else None, folder_mode, made)
+        if isinstance(err, OSError):
+            raise ExportError(f"{out}: cannot write the export ({_reason(err)}); nothing was left there") from None
         raise
     return out
 
 
-def _mkdtemp(out: Path) -> str:
-    import tempfile
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
+
+def _undo(tmp: Path | None, emptied: Path | None, mode: int, made: list[Path]) -> None:
+    """After a failed write: remove the temporary folder, put back the empty OUT that was removed
+    to make room, remove the parents the export created."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        if emptied is not None and not emptied.exists():
+            emptied.mkdir()
+            emptied.chmod(mode)
+    for parent in reversed(made):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def _mkdtemp(out: Path) -> str:
     return tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.parent)
 
 

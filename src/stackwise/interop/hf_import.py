@@ -61,65 +61,103 @@ def is_hf_folder(path: Path) -> bool:
 
 def read_hf_folder(path: str | Path) -> HFModel:
     path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HFImportError(f"{path / 'config.json'}: cannot read it as JSON ({err})") from None
+    cfg = _read_json(path / "config.json")
     if not isinstance(cfg, dict):
         raise HFImportError(f"{path / 'config.json'}: expected a JSON object")
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise HFImportError(
-            f"{path}: model_type {family!r} is not a Llama-family causal LM; stackwise imports "
+            f"{path}: model_type {_short(family)} is not a Llama-family causal LM; stackwise imports "
             f"{', '.join(sorted(FAMILIES))}")
     problems: list[str] = []
-    get = _reader(cfg, problems)
-    d, heads = get("hidden_size", int), get("num_attention_heads", int)
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or (d // heads if d and heads else None)
-    if d and heads and head_dim != d // heads:
+    read = _Reader(cfg, problems)
+    d, heads = read.count("hidden_size"), read.count("num_attention_heads")
+    kv = read.count("num_key_value_heads", default=heads)
+    head_dim = read.count("head_dim", default=d // heads if d and heads else 0)
+    if d and heads and head_dim and head_dim != d // heads:
         problems.append(f"head_dim={head_dim} differs from hidden_size/num_attention_heads={d // heads}")
     if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={cfg.get('hidden_act')!r}: stackwise's MLP is SwiGLU (silu)")
+        problems.append(f"hidden_act={_short(cfg.get('hidden_act'))}: stackwise's MLP is SwiGLU (silu)")
     if cfg.get("mlp_bias"):
         problems.append("mlp_bias=true: stackwise's MLP has no biases")
-    theta, rope_type = _rope(cfg)
+    theta, rope_type = _rope(cfg, read)
     if rope_type not in (None, "default"):
-        problems.append(f"RoPE scaling {rope_type!r}: stackwise implements plain RoPE only")
+        problems.append(f"RoPE scaling {_short(rope_type)}: stackwise implements plain RoPE only")
     window = _sliding_window(cfg, family)
-    qkv_bias = family == "qwen2" or bool(cfg.get("attention_bias"))
-    if problems:
-        raise HFImportError(f"{path}: cannot import this model:\n  " + "\n  ".join(problems))
-    return HFModel(
-        path=path, family=family, vocab_size=get("vocab_size", int), d_model=d, n_layers=get("num_hidden_layers", int),
-        n_heads=heads, n_kv_heads=int(kv), ffn_hidden=get("intermediate_size", int),
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048), rope_theta=theta,
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias, o_bias=family == "llama" and bool(cfg.get("attention_bias")), sliding_window=window,
+    model = HFModel(
+        path=path, family=family, vocab_size=read.count("vocab_size"), d_model=d,
+        n_layers=read.count("num_hidden_layers"), n_heads=heads, n_kv_heads=kv,
+        ffn_hidden=read.count("intermediate_size"), max_position_embeddings=read.count("max_position_embeddings", 2048),
+        rope_theta=theta, norm_eps=read.number("rms_norm_eps", 1e-6), tied=read.flag("tie_word_embeddings"),
+        qkv_bias=family == "qwen2" or read.flag("attention_bias"),
+        o_bias=family == "llama" and read.flag("attention_bias"), sliding_window=window,
         eos_token_id=_first_id(cfg.get("eos_token_id")),
     )
+    if problems:
+        raise HFImportError(f"{path}: cannot import this model:\n  " + "\n  ".join(problems))
+    return model
 
 
-def _reader(cfg: dict[str, Any], problems: list[str]):
-    def get(key: str, kind: type) -> Any:
-        value = cfg.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-            problems.append(f"{key}={value!r}: expected a positive {kind.__name__}")
+def _read_json(path: Path) -> Any:
+    """A JSON file that is a regular file and not absurdly nested; any problem is an HFImportError."""
+    from stackwise.data.errors import DataError
+    from stackwise.data.files import read_regular
+
+    try:
+        text = read_regular(path, "a model description").decode("utf-8")
+        return json.loads(text)
+    except DataError as err:
+        raise HFImportError(str(err)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HFImportError(f"{path}: cannot read it as JSON ({err})") from None
+    except RecursionError:
+        raise HFImportError(f"{path}: nested too deeply to be a model description") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Reader:
+    """Typed reads of config.json fields; each bad value becomes one line of the error."""
+
+    def __init__(self, cfg: dict[str, Any], problems: list[str]):
+        self.cfg, self.problems = cfg, problems
+
+    def count(self, key: str, default: int | None = None) -> int:
+        value = self.cfg.get(key)
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            self.problems.append(f"{key}={_short(value)}: expected a positive integer")
             return 0
         return value
 
-    return get
+    def number(self, key: str, default: float) -> float:
+        value = self.cfg.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            self.problems.append(f"{key}={_short(value)}: expected a positive finite number")
+            return default
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.cfg.get(key, False)
+        if not isinstance(value, bool) and value is not None:
+            self.problems.append(f"{key}={_short(value)}: expected true or false")
+            return False
+        return bool(value)
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, str | None]:
+def _rope(cfg: dict[str, Any], read: _Reader) -> tuple[float, str | None]:
     """RoPE θ and scaling type from either config format (transformers ≥ 5: rope_parameters)."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    params, scaling = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        read.problems.append("rope_parameters / rope_scaling: expected JSON objects")
+        return 10000.0, None
+    theta = _Reader({"rope_theta": params.get("rope_theta", cfg.get("rope_theta", 10000.0))}, read.problems)
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        theta = 10000.0
-    return float(theta), kind
+    return theta.number("rope_theta", 10000.0), kind
 
 
 def _sliding_window(cfg: dict[str, Any], family: str) -> int | None:
@@ -161,24 +199,35 @@ def check_window(hf: HFModel, max_seq_len: int) -> None:
 
 
 def load_hf_state(hf: HFModel) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors file(s), by HF name."""
+    """Every tensor of the folder's safetensors file(s), by HF name. Shards must be regular files
+    named inside the folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = [hf.path / WEIGHTS_FILE]
     if not files[0].is_file():
-        try:
-            index = json.loads((hf.path / INDEX_FILE).read_text(encoding="utf-8"))
-            files = [hf.path / name for name in sorted(set(index["weight_map"].values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise HFImportError(f"{hf.path / INDEX_FILE}: not a valid safetensors index ({err})") from None
+        files = [hf.path / name for name in _shard_names(hf.path / INDEX_FILE)]
     state: dict[str, torch.Tensor] = {}
     for file in files:
+        if not file.is_file():  # a FIFO or device would hang the reader; a missing shard is named
+            raise HFImportError(f"{file}: {'missing' if not file.exists() else 'not a regular file'}")
         try:
             state.update(load_file(str(file)))
         except (OSError, SafetensorError) as err:
             raise HFImportError(f"{file}: cannot read the weights ({err})") from None
     return state
+
+
+def _shard_names(index: Path) -> list[str]:
+    body = _read_json(index)
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HFImportError(f"{index}: not a safetensors index (no weight_map)")
+    names = sorted({str(name) for name in weight_map.values()})
+    outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+    if outside:
+        raise HFImportError(f"{index}: lists files outside the model folder: {_short(outside)}")
+    return names
 
 
 def fill_model(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: bool, where: str) -> None:

@@ -134,9 +134,10 @@ class Events:
             try:
                 getattr(callback, event)(view, *args)
             except Exception as err:
-                where = f"callback {type(callback).__name__}.{event} failed at step {view.step}"
+                where = f"callback {type(callback).__name__}.{event} failed after {view.step} steps"
                 if hasattr(err, "add_note"):  # Python 3.11+
-                    err.add_note(f"{where}; the step was completed; the run can be resumed from its newest checkpoint")
+                    done = "" if event == "on_run_start" else "the step in progress was completed; "
+                    err.add_note(f"{where}; {done}the run can be resumed from its newest checkpoint, if it has one")
                 self._log().record("error", step=view.step, message=f"{where}: {type(err).__name__}: {err}")
                 self._error = err
                 return

@@ -9,6 +9,9 @@ exactly the steps it had, and then either
 - the `schedule` of EXT.yaml is appended: its phases are given in steps counted from the end of
   the run (`start_step: 0` is the first new step) or in t over the extension's N − T steps.
 
+A run given in tokens or epochs runs (and is recorded) in steps (docs/schedule.md, "Time in
+tokens and epochs"), so it extends like any other; appended phases are given in steps or t.
+
 Everything else about the run is unchanged, so the extended run resumes exactly like any run, and
 it equals an uninterrupted run of length N wherever the schedule makes them the same (a constant
 lr, or phases whose steps did not move).
@@ -21,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from stackwise.config import ConfigError, StackWiseConfig, parse_config_yaml, read_config_file
+from stackwise.time_units import BOUND_KEYS
 from stackwise.training.schedule import PhaseSchedule, step_at
 
-_TIME_KEYS = ("start_t", "end_t", "start_step", "end_step")
+_TIME_KEYS = tuple(key for keys in BOUND_KEYS.values() for key in keys)
 
 
 def extended_config(config: StackWiseConfig, total_steps: int | None,
                     extension: str | os.PathLike[str] | list[dict[str, Any]] | None = None) -> StackWiseConfig:
     """The config of `config`'s run (T steps) continued to `total_steps` steps."""
+    config = config.in_steps()  # a run given in tokens (epochs: converted with the corpus before)
     old_total = config.resolved_total_steps()
     added = _extension_phases(extension)
     if total_steps is None:
@@ -88,6 +93,9 @@ def _appended(phases: list[dict[str, Any]], offset: int, length: int) -> list[di
     out = []
     for i, phase in enumerate(phases):
         body = {k: v for k, v in phase.items() if k not in _TIME_KEYS}
+        if any(k in phase for k in (*BOUND_KEYS["tokens"], *BOUND_KEYS["epoch"])):
+            raise ConfigError([(f"schedule.{i}", "an appended phase is given in steps (counted from the end of the "
+                                                 "run) or in t; tokens and epochs are not supported here", None)])
         if "start_step" in phase or "end_step" in phase:
             start, end = phase.get("start_step"), phase.get("end_step")
         elif "start_t" in phase or "end_t" in phase:

@@ -18,7 +18,6 @@ weights, so the source may be gone by then.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,9 @@ from stackwise.training.checkpoint import (
     CheckpointManager,
     load_checkpoint,
 )
+from stackwise.training.finite import nonfinite_tensors
 from stackwise.training.optimizer import saved_state_by_name
 
-log = logging.getLogger(__name__)
 FIELD = "model.init_from"
 
 # ModelConfig fields a source fixes; the config may repeat them only with the same value.
@@ -193,8 +192,6 @@ def _vocab_size(config: StackWiseConfig, source: Source, tokenizer: Path | None,
     given = config.model.vocab_size if "vocab_size" in config.model.model_fields_set else None
     if given is not None and given < needed:
         problems.append(("model.vocab_size", f"the source and its tokenizer need {needed} rows", given))
-    if needed > source.vocab_size:
-        log.info("vocabulary grows from %d to %d rows for the tokenizer's added tokens", source.vocab_size, needed)
     return max(needed, given or 0)
 
 
@@ -204,11 +201,12 @@ def _vocab_size(config: StackWiseConfig, source: Source, tokenizer: Path | None,
 def load_initial_weights(config: StackWiseConfig, model: StackWiseModel) -> Source:
     """Fill `model` (built from the resolved config) with the source's dense weights."""
     source = find_source(config.model.init_from)
-    if source.hf is not None:
-        state = hf_import.load_hf_state(source.hf)
-    else:
-        state = dense_hf_state(_source_model(source))
     try:
+        state = hf_import.load_hf_state(source.hf) if source.hf is not None else dense_hf_state(_source_model(source))
+        bad = nonfinite_tensors(state.items())
+        if bad:  # a run would only stop at its first step, blaming the learning rate
+            raise hf_import.HFImportError(f"{source.path}: the weights hold NaN/Inf in {', '.join(bad[:5])}"
+                                          f"{' ...' if len(bad) > 5 else ''}; they are damaged")
         hf_import.fill_model(model, state, tied=source.settings["tie_embeddings"], where=str(source.path))
     except hf_import.HFImportError as err:
         raise ConfigError([(FIELD, str(err), config.model.init_from)]) from None
@@ -223,7 +221,8 @@ def _source_model(source: Source) -> StackWiseModel:
 
     config = with_growth_schedule(source.run_config)
     ckpt = source.checkpoint
-    schedule = PhaseSchedule.from_config(config, int(ckpt.meta["total_steps"]))
+    # The run's own length: a checkpoint made before the run was extended replays the same phases.
+    schedule = PhaseSchedule.from_config(config, config.training.total_steps or int(ckpt.meta["total_steps"]))
     if int(ckpt.state["phase_index"]) >= len(schedule.phases):  # a forged checkpoint (the schema checks the rest)
         raise ConfigError([(FIELD, f"{ckpt.path}: phase_index {ckpt.state['phase_index']} is beyond the run's "
                                    f"{len(schedule.phases)} phases", str(source.path))])
@@ -239,14 +238,16 @@ def _source_model(source: Source) -> StackWiseModel:
     return model
 
 
-def initial_optimizer_state(config: StackWiseConfig, source: Source, model: StackWiseModel) -> dict[str, dict[str, Any]]:
+def initial_optimizer_state(config: StackWiseConfig, source: Source, model: StackWiseModel
+                            ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """With `model.init_from_optimizer`: the source's optimizer state under the new run's names
-    (blocks matched by position in the rack), for parameters whose shapes match."""
+    (blocks matched by position in the rack), for parameters whose shapes match; and the source
+    names whose state was not brought."""
     if not config.model.init_from_optimizer or source.checkpoint is None:
-        return {}
+        return {}, []
     saved = source.checkpoint.state
     if not saved.get("optimizer"):
-        return {}
+        return {}, []
     by_old_name = saved_state_by_name(saved["optimizer"], saved["optimizer_names"])
     old_layers = _layer_of(source.checkpoint.meta["rack"])
     new_names = _names_by_layer(model)
@@ -261,9 +262,27 @@ def initial_optimizer_state(config: StackWiseConfig, source: Source, model: Stac
             out[new] = state
         else:
             dropped.append(old)
-    log.info("optimizer state from %s: %d parameters brought, %d not (no parameter of that name and shape): %s",
-             source.path, len(out), len(dropped), ", ".join(dropped[:8]) + (" ..." if len(dropped) > 8 else ""))
-    return out
+    return out, dropped
+
+
+def start_summary(config: StackWiseConfig, source: Source, model: StackWiseModel, tokenizer: Any,
+                  brought: int, dropped: list[str]) -> dict[str, Any]:
+    """What a run started from `source` says once, on the console and in metrics.jsonl."""
+    sizes = [len(stack) for stack in model.rack]
+    parts = [f"started from {source.path} ({'Hugging Face ' + source.hf.family if source.hf else 'a stackwise run'}): "
+             f"{sum(sizes)} blocks in {len(sizes)} stack(s) {sizes}"]
+    added = list(getattr(tokenizer, "added", []) or [])
+    if added:
+        parts.append(f"the tokenizer gained {', '.join(added)} as new ids")
+    rows = model.vocab_size
+    if rows > source.vocab_size:
+        parts.append(f"the vocabulary grows from {source.vocab_size} to {rows} rows (new rows start as the mean row)")
+    if config.model.init_from_optimizer:
+        more = f": {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}" if dropped else ""
+        parts.append(f"optimizer state brought for {brought} parameters, not for {len(dropped)}{more}")
+    return {"source": str(source.path), "blocks": sizes, "added_tokens": added, "vocab_rows": rows,
+            "source_vocab_rows": source.vocab_size, "optimizer_brought": brought, "optimizer_not_brought": dropped,
+            "message": "; ".join(parts)}
 
 
 def _layer_of(rack: dict[str, Any]) -> dict[tuple[str, int], int]:

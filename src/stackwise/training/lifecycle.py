@@ -13,7 +13,8 @@
   is written before every check has passed, and a finished run resumed with nothing to do is left
   byte for byte as it was.
 - `restore()`: structure first (the model plane of every phase entered so far, replayed), then
-  weights, time, data and optimizer planes, RNG and history.
+  weights, time, data and optimizer planes, RNG and history; last, the position of a run's own
+  data stream (`data=ITERABLE`: its loader's state_dict, or a skip forward; training/user_data.py).
 - `evaluation_machine()`: a machine holding a run's checkpoint for eval / generate / export /
   consolidate: no lock, nothing written.
 """
@@ -124,6 +125,9 @@ class Lifecycle:
         }
         if m.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
+        data = m.data.state_dict()  # your own data's stream position (built-in data: none needed)
+        if data is not None:
+            state["data"] = data
         return state
 
     def _meta(self) -> dict[str, Any]:
@@ -185,6 +189,9 @@ class Lifecycle:
     def resume(self) -> None:
         m = self.m
         ckpt, changes = self._restore_newest()
+        refusal = m.data.resume_refusal() if ckpt is not None else None
+        if refusal:
+            raise TrainingError(f"{ckpt.path}: {refusal}")
         if ckpt is not None and m.time.done and m._extended_from is None:
             m._idle = True  # a finished run, nothing to do: every file stays as it is
             return
@@ -208,6 +215,10 @@ class Lifecycle:
         m.log.say(f"resumed {where} at step {m.step} (t={m.t:.3f}, phase {m.phase.name})")
         if changes.allowed and m._extended_from is None:
             m.log.say(f"changed on resume (the earlier config is kept as {kept}): " + "; ".join(changes.allowed))
+        note = m.data.resume_note() if ckpt is not None else None
+        if note is not None:  # your own data: where its stream goes on from (docs/data.md)
+            m.log.record("data", step=m.step, event="resume", **note)
+            m.log.say(note["message"])
         if m.phase_index >= 0:  # the restored phase goes on with its cache (and compiled stacks)
             m._start_phase_services(m.phase, m.phase_index)
 
@@ -295,9 +306,8 @@ class Lifecycle:
         step, rack structure. Raises CheckpointError, so a resume skips it for an older one."""
         m, meta = self.m, ckpt.meta
         made_for, index, step = meta["total_steps"], meta["phase_index"], meta["step"]
-        if made_for != m.total_steps and made_for != m._extended_from:
-            raise CheckpointError(f"{ckpt.path}: made for total_steps={made_for}, this run has {m.total_steps}; "
-                                  f"to continue a run past its end use --steps N (docs/interop.md)")
+        if made_for != m.total_steps and not _extended_run(m.config, made_for):
+            raise CheckpointError(f"{ckpt.path}: made for total_steps={made_for}, this run has {m.total_steps}")
         phases = m.schedule.phases
         if index >= len(phases):
             raise CheckpointError(f"{ckpt.path}: phase_index {index}, but the run has {len(phases)} phases")
@@ -360,6 +370,7 @@ class Lifecycle:
                 self._load_sharded(ckpt)
             else:
                 saved = saved_state_by_name(state["optimizer"], state["optimizer_names"])
+                _check_moments(m.optim.optimizer, saved, ckpt.path)  # a fused kernel would not check
                 load_state_by_name(m.optim.optimizer, saved, place=distributed.shard_like)
             m._structure_settled()
         elif ckpt.sharded:
@@ -375,6 +386,7 @@ class Lifecycle:
         m.transitions = [Transition(**tr) for tr in state["transitions"]]
         m.last_eval = dict(state["last_eval"])
         m._saved_step = m.step
+        m.data.load_state_dict(state.get("data"))  # last: a stateful loader is told only once all else fit
 
     def _load_sharded_nf4(self, ckpt: Checkpoint) -> None:
         nf4 = {name: torch.empty_like(t) for name, t in nf4_state(self.m.model).items()}
@@ -405,6 +417,34 @@ class Lifecycle:
 
 
 # ---- the machine's config on resume, and evaluation ------------------------------------------
+
+
+def _check_moments(optimizer: torch.optim.Optimizer, saved: dict[str, dict[str, Any]], where: Path) -> None:
+    """Each saved moment has its parameter's shape and dtype kind, step counts are ≥ 0 and second
+    moments ≥ 0: torch's fused AdamW reads mismatched tensors out of bounds instead of failing."""
+    params = dict(zip(optimizer_param_names(optimizer), (p for g in optimizer.param_groups for p in g["params"]),
+                      strict=True))
+    for name, entries in saved.items():
+        param = params.get(name)
+        for key, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if param is None or (value.ndim and tuple(value.shape) != tuple(param.shape)):
+                shape = tuple(param.shape) if param is not None else "no such parameter"
+                raise CheckpointError(f"{where}: optimizer state {name}.{key} has shape {tuple(value.shape)}, "
+                                      f"the parameter {shape}")
+            if not value.is_floating_point():
+                raise CheckpointError(f"{where}: optimizer state {name}.{key} is not a floating-point tensor")
+            if key in ("step", "exp_avg_sq", "max_exp_avg_sq") and value.numel() and bool((value < 0).any()):
+                raise CheckpointError(f"{where}: optimizer state {name}.{key} holds negative values")
+
+
+def _extended_run(config: StackWiseConfig, made_for: int) -> bool:
+    """A checkpoint of a shorter run fits an extension of it (training/extend.py): an extended
+    config states every phase in steps, so the phases a checkpoint of the first `made_for` steps
+    went through have the same steps in both (`check_fits` then checks the phase and step)."""
+    phases = config.schedule or []
+    return made_for < config.resolved_total_steps() and bool(phases) and all(p.start_step is not None for p in phases)
 
 
 def resumed_config(config: StackWiseConfig, run_dir: Path, total_steps: int | None,

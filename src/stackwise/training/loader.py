@@ -5,6 +5,9 @@ iterator state, so after a resume any step's batch is regenerated exactly. The t
 cut into fixed, non-overlapping windows of seq_len+1 tokens (sample id = window index); each
 (seed, phase, epoch) has its own seeded permutation of the windows, and the i-th sample of step s
 is window `perm[g % n_windows]` with `g = (s - phase_start_step) · batch_size + i`.
+
+`configure(validation="all")` makes every document of the corpus validation (no training split):
+what scoring a whole file (`stackwise eval RUN --data FILE`) needs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from stackwise.config import Ramp, StackWiseConfig, value_at
 from stackwise.data.batch import Batch
 from stackwise.data.cache import check_cache_dir, resolve_cache_dir
-from stackwise.data.corpus import describe, load_corpus, split_corpus
+from stackwise.data.corpus import Corpus, describe, load_corpus, split_corpus
 from stackwise.data.dummy import dummy_token_splits
 from stackwise.data.errors import DataError
 from stackwise.data.objectives import ATTENTION_MODE, clm, diffusion, mlm, stable_seed
@@ -49,6 +52,7 @@ class DataSettings:
     mask_range: tuple[float, float]
     paths: tuple[str, ...]
     text_field: str
+    validation: str = "split"  # "split": the corpus's validation split; "all": every document
 
     @property
     def attention_mode(self) -> str:
@@ -68,17 +72,18 @@ class ProgressiveDataLoader:
         data = self.config.data
         self.seed = self.config.training.seed
         self.cache_dir = resolve_cache_dir(data.cache_dir)
-        self._streams: dict[tuple[tuple[str, ...], str], TokenSplits] = {}
-        base = (tuple(data.paths), data.text_field)
+        self._streams: dict[tuple[tuple[str, ...], str, str], TokenSplits] = {}
+        base = (tuple(data.paths), data.text_field, "split")
         if not data.use_dummy_data:
             check_cache_dir(self.cache_dir)  # a file where the cache folder should be: before any reading
         if data.use_dummy_data:
             self.tokenizer: Tokenizer = DummyTokenizer(self.config.model.vocab_size or 512)
             self._streams[base] = dummy_token_splits(self.tokenizer)
         else:
-            corpus = load_corpus(data.paths, data.text_field)
-            split = split_corpus(corpus, data.val_fraction)
-            self.tokenizer = build_tokenizer(data, split.train, self.cache_dir)
+            corpus = load_corpus(data.paths, data.text_field, data.include)
+            self._require_tokenizer_file(corpus)
+            split = None if corpus.token_files else split_corpus(corpus, data.val_fraction)
+            self.tokenizer = build_tokenizer(data, split.train if split else (), self.cache_dir)
             check_vocab(self.config.model.vocab_size, self.tokenizer.vocab_size)
             self._streams[base] = load_token_splits(
                 corpus,
@@ -87,10 +92,13 @@ class ProgressiveDataLoader:
                 text_field=data.text_field,
                 cache_dir=self.cache_dir,
                 split=split,
+                bin_dtype=data.bin_dtype,
             )
         if run_dir is not None:
             self.tokenizer.save(run_dir)
         self._byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths)
+        prefix = self.tokenizer.dummy_prefix_bytes
+        self._prefix_bytes = None if prefix is None else torch.from_numpy(prefix)
         self._regular_ids = torch.from_numpy(self.tokenizer.regular_ids)
         self._check_schedule()
         self.configure()
@@ -116,8 +124,11 @@ class ProgressiveDataLoader:
         mask_range: tuple[float, float] | None = None,
         paths: Sequence[str] | None = None,
         text_field: str | None = None,
+        validation: str | None = None,
     ) -> DataSettings:
-        """Set the data settings of a phase; anything not given comes from the base config."""
+        """Set the data settings of a phase; anything not given comes from the base config.
+        `validation="all"`: every document of the corpus is validation (to score a whole corpus;
+        there are then no training batches)."""
         data, training = self.config.data, self.config.training
         settings = DataSettings(
             phase_index=phase_index,
@@ -128,13 +139,16 @@ class ProgressiveDataLoader:
             mask_range=tuple(mask_range) if mask_range is not None else tuple(data.mask_range),
             paths=tuple(paths) if paths is not None else tuple(data.paths),
             text_field=text_field if text_field is not None else data.text_field,
+            validation=validation if validation is not None else "split",
         )
         if settings.objective not in ATTENTION_MODE:
             raise ValueError(
                 f"unknown objective {settings.objective!r}; expected one of {', '.join(ATTENTION_MODE)}"
             )
-        stream = self._stream(settings.paths, settings.text_field)
-        _check_size(stream, settings.seq_len)
+        if settings.validation not in ("split", "all"):
+            raise ValueError(f"validation must be 'split' or 'all', got {settings.validation!r}")
+        stream = self._stream(settings.paths, settings.text_field, settings.validation)
+        _check_size(stream, settings.seq_len, with_train=settings.validation == "split")
         self._settings, self._tokens = settings, stream
         return settings
 
@@ -164,7 +178,16 @@ class ProgressiveDataLoader:
 
     @property
     def n_val_windows(self) -> int:
-        return len(self._tokens.val) // (self._settings.seq_len + 1)
+        width, n = self._settings.seq_len + 1, len(self._tokens.val)
+        return (n - width) // self._val_stride + 1 if n >= width else 0
+
+    @property
+    def _val_stride(self) -> int:
+        """Validation windows start every seq_len+1 tokens (no overlap, as training's); when every
+        document is validation (scoring a whole corpus) every seq_len tokens, so that consecutive
+        windows share one token and every token but the stream's first is predicted once."""
+        s = self._settings
+        return s.seq_len if s.validation == "all" else s.seq_len + 1
 
     def batch_at(self, step: int, tau: float = 0.0, phase_start_step: int = 0, *, rank: int = 0, world_size: int = 1) -> Batch:
         """The batch of global step `step` in the current phase (τ = the phase's local time).
@@ -179,6 +202,9 @@ class ProgressiveDataLoader:
             raise ValueError(f"a batch of {s.batch_size} rows cannot be split evenly over {world_size} ranks")
         rows = s.batch_size // world_size
         n = self.n_train_windows
+        if n == 0:
+            raise DataError(f"{self._tokens.name}: no training split (every document is validation); "
+                            "configure(validation='split') to train", self._tokens.name)
         g = (step - phase_start_step) * s.batch_size + rank * rows + np.arange(rows)
         window_ids = np.empty(rows, dtype=np.int64)
         for epoch in np.unique(g // n):
@@ -196,7 +222,8 @@ class ProgressiveDataLoader:
 
     def validation_batches(self, max_batches: int | None = None, *, tau: float = 0.0) -> Iterator[Batch]:
         """The fixed validation set: consecutive windows of the validation split, in order, with
-        corruption seeded independently of training.seed; the last batch may be smaller."""
+        corruption seeded independently of training.seed; the last batch may be smaller. With
+        `validation="all"` consecutive windows overlap by one token (see `_val_stride`)."""
         s = self._settings
         n = self.n_val_windows
         starts = range(0, n, s.batch_size)
@@ -205,16 +232,49 @@ class ProgressiveDataLoader:
         rate = value_at(s.mask_rate, tau)
         for start in starts:
             window_ids = np.arange(start, min(start + s.batch_size, n), dtype=np.int64)
-            yield self._make_batch(self._tokens.val, window_ids, rate, VALIDATION_SEED, "validation")
+            yield self._make_batch(self._tokens.val, window_ids, rate, VALIDATION_SEED, "validation", self._val_stride)
+
+    def validation_coverage(self, max_batches: int | None = None) -> dict[str, Any]:
+        """What `validation_batches(max_batches)` scores: `bytes` (the exact text bytes of the
+        positions its windows predict: window[1:] for clm, window[:-1] for mlm and diffusion),
+        `documents` (those with at least one such position), against the split's `total_bytes`
+        and `total_documents`, `windows`, and the `corpus` they come from. A trailing part shorter
+        than one window is not scored (nor, with the split's non-overlapping windows, one token
+        per window), so `bytes` falls a little short of `total_bytes`."""
+        s, tokens = self._settings, self._tokens.val
+        stride, eos = self._val_stride, self.tokenizer.eos_id
+        n = self.n_val_windows if max_batches is None else min(self.n_val_windows, max_batches * s.batch_size)
+        first = 1 if s.objective == "clm" else 0  # a window's first predicted position
+        end = (n - 1) * stride + first + s.seq_len if n else 0  # past the last predicted position
+        scored_bytes, documents, last_doc, doc_base = 0, 0, -1, -1
+        for p0 in range(0, end, 1 << 22):
+            part = np.asarray(tokens[p0 : min(end, p0 + (1 << 22))]).astype(np.int64)
+            pos = np.arange(p0, p0 + part.size)
+            scored = (pos >= first) & ((pos - first) % stride < s.seq_len)
+            previous = np.concatenate(([int(tokens[p0 - 1]) if p0 else eos], part[:-1]))
+            lengths = self.tokenizer.token_byte_lengths[part]
+            if self._prefix_bytes is not None:  # a token opening a document: its dummy prefix is not text
+                lengths = lengths - self.tokenizer.dummy_prefix_bytes[part] * (previous == eos)
+            scored_bytes += int(lengths[scored].sum())
+            doc = doc_base + np.cumsum(previous == eos)  # each position's document: [EOS] seen before it
+            doc_base = int(doc[-1])
+            ids = np.unique(doc[scored & (part != eos)])
+            documents += int(ids.size) - int(ids.size > 0 and ids[0] == last_doc)
+            if ids.size:
+                last_doc = int(ids[-1])
+        return {"bytes": scored_bytes, "total_bytes": self._tokens.val_bytes, "documents": documents,
+                "total_documents": self._tokens.val_docs, "windows": n, "corpus": self._tokens.name}
 
     def _make_batch(
-        self, tokens: np.ndarray, window_ids: np.ndarray, rate: float, seed: int, phase: int | str
+        self, tokens: np.ndarray, window_ids: np.ndarray, rate: float, seed: int, phase: int | str,
+        stride: int | None = None,
     ) -> Batch:
         s = self._settings
         width = s.seq_len + 1
-        gathered = tokens[window_ids[:, None] * width + np.arange(width)]
+        stride = stride or width  # window i starts at token i * stride
+        gathered = tokens[window_ids[:, None] * stride + np.arange(width)]
         if gathered.size and int(gathered.max()) >= self.tokenizer.vocab_size:
-            self._bad_ids(tokens, window_ids, gathered, width)
+            self._bad_ids(tokens, window_ids, gathered, stride)
         windows = torch.from_numpy(gathered.astype(np.int64))
         ids = window_ids.tolist()
         if s.objective == "clm":
@@ -240,6 +300,16 @@ class ProgressiveDataLoader:
             )
         # Diffusion's weighted loss bounds the NLL of the whole window, so all its tokens are targets.
         targets = c.labels if s.objective == "diffusion" else c.labels[c.loss_mask]
+        n_bytes = self._byte_lengths[targets].sum()
+        if self._prefix_bytes is not None:  # a token opening a document: its dummy prefix is not text
+            before = tokens[np.maximum(window_ids * stride - 1, 0)].astype(np.int64)
+            before[window_ids == 0] = self.tokenizer.eos_id  # the stream's first token opens a document
+            previous = windows[:, :-1] if s.objective == "clm" else torch.cat(
+                [torch.from_numpy(before)[:, None], windows[:, :-2]], dim=1)
+            opening = previous == self.tokenizer.eos_id
+            if s.objective != "diffusion":
+                opening = opening[c.loss_mask]
+            n_bytes = n_bytes - self._prefix_bytes[targets[opening]].sum()
         return Batch(
             input_ids=c.input_ids,
             labels=c.labels,
@@ -249,16 +319,16 @@ class ProgressiveDataLoader:
             attention_mode=s.attention_mode,
             objective=s.objective,
             n_target_tokens=int(targets.numel()),
-            n_target_bytes=int(self._byte_lengths[targets].sum()),
+            n_target_bytes=int(n_bytes),
             mask_rates=c.mask_rates,
         )
 
-    def _bad_ids(self, tokens: np.ndarray, window_ids: np.ndarray, gathered: np.ndarray, width: int) -> None:
+    def _bad_ids(self, tokens: np.ndarray, window_ids: np.ndarray, gathered: np.ndarray, stride: int) -> None:
         """Token ids beyond the vocabulary can only come from a damaged (or foreign) token file:
         name it, never let an IndexError (or a device-side assert on CUDA) happen downstream."""
         split = "train" if tokens is self._tokens.train else "val"
         row, col = np.argwhere(gathered >= self.tokenizer.vocab_size)[0]
-        position = int(window_ids[row]) * width + int(col)
+        position = int(window_ids[row]) * stride + int(col)
         source = self._tokens.source(split)
         folder = f"delete {os.path.dirname(source)} to rebuild it" if self._tokens.train_file else "check the data"
         raise DataError(
@@ -269,24 +339,35 @@ class ProgressiveDataLoader:
 
     # ---- corpora ----------------------------------------------------------------------------
 
-    def _stream(self, paths: tuple[str, ...], text_field: str) -> TokenSplits:
+    def _stream(self, paths: tuple[str, ...], text_field: str, validation: str = "split") -> TokenSplits:
         """Token streams of a corpus, tokenized with the run's tokenizer (loaded once per run)."""
-        key = (paths, text_field)
+        key = (paths, text_field, validation)
         if key not in self._streams:
             if isinstance(self.tokenizer, DummyTokenizer):
                 raise DataError(
                     f"data.use_dummy_data is true, but a phase asks for the corpus {describe(list(paths)) or 'built-in'}; "
                     "drop the phase's data_config.paths or set data.use_dummy_data: false"
                 )
-            corpus = load_corpus(paths, text_field)
+            corpus = load_corpus(paths, text_field, self.config.data.include)
+            self._require_tokenizer_file(corpus)
             self._streams[key] = load_token_splits(
                 corpus,
                 self.tokenizer,
-                val_fraction=self.config.data.val_fraction,
+                val_fraction=1.0 if validation == "all" else self.config.data.val_fraction,
                 text_field=text_field,
                 cache_dir=self.cache_dir,
+                bin_dtype=self.config.data.bin_dtype,
             )
         return self._streams[key]
+
+    def _require_tokenizer_file(self, corpus: Corpus) -> None:
+        """Token files hold ids of one tokenizer: the run must load it, never train its own."""
+        if corpus.token_files and not self.config.data.tokenizer.path:
+            raise DataError(
+                f"{corpus.name}: token files (.bin) need the tokenizer that wrote them: set data.tokenizer.path "
+                "to its tokenizer.json (for nanoGPT's GPT-2 files, GPT-2's tokenizer.json)",
+                corpus.token_files[0],
+            )
 
     def _check_schedule(self) -> None:
         # Fail at construction, not hours into a run, if a later phase's corpus or seq_len cannot work.
@@ -295,16 +376,18 @@ class ProgressiveDataLoader:
             _check_size(self._stream(tuple(settings["paths"]), settings["text_field"]), settings["seq_len"])
 
 
-def _check_size(stream: TokenSplits, seq_len: int) -> None:
+def _check_size(stream: TokenSplits, seq_len: int, with_train: bool = True) -> None:
     width = seq_len + 1
     for split, tokens, fix in (
-        ("training", stream.train, "add text to the corpus or lower training.seq_len"),
+        ("training", stream.train if with_train else None, "add text to the corpus or lower training.seq_len"),
         (
             "validation",
             stream.val,
             "raise data.val_fraction, add text to the corpus, or lower training.seq_len",
         ),
     ):
+        if tokens is None:
+            continue
         if len(tokens) < width:
             raise DataError(
                 f"{stream.name}: the {split} split has {len(tokens)} tokens, fewer than one sequence of "

@@ -12,6 +12,7 @@ trainable parameters, carrying state over by name); `validate_training_state`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -38,8 +39,19 @@ from stackwise.training.factories import build_data_loader, build_model
 from stackwise.training.finite import UpdateUndo, group_params_finite
 from stackwise.training.fits import check_fits
 from stackwise.training.forward import LossForward
-from stackwise.training.init_from import initial_optimizer_state, load_initial_weights, resolve_init_from
-from stackwise.training.lifecycle import Lifecycle, evaluation_machine, on_main, resumed_config
+from stackwise.training.init_from import (
+    initial_optimizer_state,
+    load_initial_weights,
+    resolve_init_from,
+    start_summary,
+)
+from stackwise.training.lifecycle import (
+    Lifecycle,
+    evaluation_machine,
+    on_main,
+    resumed_config,
+    with_run_tokenizer,
+)
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.memory import first_trainable_stack
 from stackwise.training.metrics import bits_per_byte
@@ -47,7 +59,7 @@ from stackwise.training.optimizer import group_grad_norms, load_state_by_name
 from stackwise.training.progressive import apply_model_phase, with_growth_schedule
 from stackwise.training.result import Planes, TrainResult, Transition
 from stackwise.training.run_dir import RunDirectory
-from stackwise.training.schedule import Phase, PhaseSchedule, TimeController
+from stackwise.training.schedule import Phase, PhaseSchedule, TimeController, resolve_time
 from stackwise.training.signals import StopSignals
 from stackwise.training.structure import planned_racks
 
@@ -60,7 +72,9 @@ class TrainingMachine:
     `run_dir`: where metrics, checkpoints and the resolved config go. Default: a new folder
     `run.dir/run.name` (suffixed -2, -3, ... rather than overwrite). `run_dir=False` keeps
     everything in memory (no files). `resume=RUN_DIR` continues that run from its newest good
-    checkpoint. `model` / `data` accept ready-made objects instead of building them. The machine
+    checkpoint. `model` / `data` accept ready-made objects instead of building them; `data` may
+    also be your own iterable of token-id batches (a DataLoader, an IterableDataset, a generator),
+    with `val_data` its validation batches (docs/data.md, "Your own data"). The machine
     holds the run directory's lock until `train()` returns (`close()` releases it earlier); a
     start that fails leaves nothing behind (training/run_dir.py).
     `callbacks`: `Callback` objects told of the run's events (docs/events.md), besides the loggers
@@ -76,6 +90,7 @@ class TrainingMachine:
         resume: str | os.PathLike[str] | None = None,
         model: StackWiseModel | None = None,
         data: Any = None,
+        val_data: Any = None,
         console: bool = True,
         callbacks: Sequence[Callback] = (),
         extend: str | os.PathLike[str] | list[dict[str, Any]] | None = None,
@@ -84,7 +99,7 @@ class TrainingMachine:
         # A new run resolves `model.init_from` (shapes, tokenizer) and later loads its weights; a
         # resumed run (or one `restoring` a checkpoint, as for_evaluation does) has both already.
         fresh = resume is None and not restoring
-        self._resolve(StackWiseConfig.load(config), total_steps, resume, extend, fresh)
+        self._resolve(StackWiseConfig.load(config), total_steps, resume, extend, fresh, data)
         self.dist = distributed.setup(self.config.run.distributed, self.config.run.device)
         distributed.check_run(self.dist, self.config, self.schedule, given_model=model is not None)
         self.device = distributed.pick_device(self.config.run.device, self.dist)
@@ -103,7 +118,7 @@ class TrainingMachine:
         self.lifecycle = Lifecycle(self)
         self.run = self._open_run_dir(run_dir, resume)
         try:
-            self._build(model, data, console, fresh, resume is not None)
+            self._build(model, data, console, fresh, resume is not None, val_data)
         except BaseException:
             if hasattr(self, "log"):
                 self.log.close()
@@ -111,21 +126,26 @@ class TrainingMachine:
                 self.run.abandon()  # a failed start leaves nothing behind
             raise
 
-    def _resolve(self, config: StackWiseConfig, total_steps: int | None, resume: Any, extend: Any, fresh: bool) -> None:
+    def _resolve(self, config: StackWiseConfig, total_steps: int | None, resume: Any, extend: Any, fresh: bool,
+                 data: Any = None) -> None:
         """The run's config, length, schedule and clock (a resume: the run's own, extended by
         `--steps N` / `--extend`, and the config on record to compare with)."""
         self.config = with_growth_schedule(resolve_init_from(config) if fresh else config)
         self._recorded: StackWiseConfig | None = None  # a resumed run's config on record
         self._extended_from: int | None = None
         if resume is not None:
+            if self.config.uses_time_units():  # tokens/epochs to steps first, so --steps N extends as for steps
+                given = with_run_tokenizer(self.config, Path(resume))
+                self.config = resolve_time(given, None if given.training.length else total_steps, data)
             self.config, total_steps, self._recorded, self._extended_from = \
                 resumed_config(self.config, Path(resume), total_steps, extend)
         elif extend is not None:
             raise TrainingError("extend= continues an existing run: pass resume=RUN_DIR too")
-        self.total_steps = self.config.resolved_total_steps(total_steps)
-        if self.config.training.total_steps != self.total_steps:
-            # The resolved config on disk says how long the run is, so it alone can rerun it.
-            self.config = self.config.with_overrides([f"training.total_steps={self.total_steps}"])
+        # Time in tokens or epochs becomes steps here, once, before anything depends on the run
+        # length; the config on disk then says how long the run is and where each phase starts in
+        # steps, so it alone reruns and resumes it exactly (docs/schedule.md).
+        self.config = resolve_time(self.config, total_steps, data)
+        self.total_steps = self.config.training.total_steps
         self.schedule = PhaseSchedule.from_config(self.config, self.total_steps)
         self.time = TimeController(self.total_steps)
 
@@ -145,19 +165,28 @@ class TrainingMachine:
         self.run_dir = Path(on_main(self.dist, open_dir))
         return opened[0] if opened else None
 
-    def _build(self, model: StackWiseModel | None, data: Any, console: bool, fresh: bool, resuming: bool) -> None:
+    def _build(self, model: StackWiseModel | None, data: Any, console: bool, fresh: bool, resuming: bool,
+               val_data: Any = None) -> None:
         if self.run is not None and not resuming:
             self.run.write_file("config.yaml", self.config.to_yaml())  # a resumed run writes it once checked
         torch.manual_seed(self.config.training.seed)
         # The tokenizer is saved with a new run; a resumed one has it (and must not rewrite it).
         keep_tokenizer = self.run is not None and not (resuming and (self.run_dir / "tokenizer.json").exists())
-        loader = build_data_loader(data if data is not None else self.config, run_dir=self.run_dir if keep_tokenizer else None)
+        if val_data is not None and data is None:
+            raise TrainingError("val_data= goes with data= (your own training data); the built-in corpora "
+                                "have their own validation split (data.val_fraction)")
+        # `data`: a ready loader, or your own iterable of token-id batches (training/user_data.py).
+        loader = build_data_loader(data if data is not None else self.config, val_data=val_data,
+                                   run_dir=self.run_dir if keep_tokenizer else None)
         self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size)
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
         self._initial_optimizer_state: dict[str, Any] = {}
+        started_from = None
         if fresh and model is None and self.config.model.init_from:
             source = load_initial_weights(self.config, self.model)
-            self._initial_optimizer_state = initial_optimizer_state(self.config, source, self.model)
+            self._initial_optimizer_state, dropped = initial_optimizer_state(self.config, source, self.model)
+            started_from = start_summary(self.config, source, self.model, self.data.tokenizer,
+                                         len(self._initial_optimizer_state), dropped)
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
         spill = self.run_dir / "cache" if self.run_dir else None
@@ -169,6 +198,9 @@ class TrainingMachine:
         # Metrics and console lines come from rank 0 alone; a resume opens metrics.jsonl once checked.
         self.log = MetricsLogger(self.run_dir if self.dist.is_main and not resuming else None, self.total_steps,
                                  console=console and self.dist.is_main)
+        if started_from is not None:  # model.init_from: what was loaded, added and brought along
+            self.log.record("init_from", step=0, **{k: v for k, v in started_from.items() if k != "message"})
+            self.log.say(started_from["message"])
         if resuming:
             self.lifecycle.resume()
 
@@ -192,6 +224,11 @@ class TrainingMachine:
         self._grad_norm = torch.zeros(())
         self._config_view: Mapping[str, Any] | None = None
         self._idle = False  # a finished run resumed with nothing left to run
+
+    def checkpoints_newest(self) -> Path | None:
+        """The newest checkpoint folder on disk (None without a run directory or checkpoint)."""
+        listed = self.checkpoints.list() if self.checkpoints else []
+        return listed[-1] if listed else None
 
     def close(self) -> None:
         """Close the metrics file and the cache, and release the run directory (train() does this)."""
@@ -319,7 +356,8 @@ class TrainingMachine:
     def _open_cache(self, phase: Phase, index: int) -> None:
         first = self._first_trainable
         settings = self.data.settings
-        reason = cache_off_reason(self.config.run.activation_cache, first, settings["objective"], settings["mask_rate"])
+        reason = self.data.cache_off_reason or \
+            cache_off_reason(self.config.run.activation_cache, first, settings["objective"], settings["mask_rate"])
         context = (self.model_plane.trunk_version, index)
         message = self.cache.enter(context, reason, self.data.loader.n_train_windows, settings["seq_len"], self.model.cfg.d_model)
         self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, message=message)
@@ -504,13 +542,24 @@ class TrainingMachine:
         self.model.eval()
         if self._forward is None:  # a machine that has not entered a phase yet
             self._wrap()
+        if not self.data.has_validation:  # your own data without val_data=: said once, nothing scored
+            if not getattr(self, "_said_no_validation", False):
+                self._said_no_validation = True
+                message = "no validation data (val_data=): evaluation is skipped"
+                self.log.record("data", step=self.step, event="no_validation", message=message)
+                self.log.say(f"data: {message}")
+            return {}
         batches = list(self.data.validation(max_batches or self.config.run.eval_batches))
         rank, ranks = self.dist.rank, self.dist.world_size
         mine = batches[rank::ranks]
+        calls = -(-len(batches) // ranks)
+        if self.data.user is not None:  # your own data: each rank scores its own loader's batches
+            mine = batches
+            calls = int(distributed.all_reduce(torch.tensor(float(len(mine)), device=self.device), "max"))
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nats, targets, bytes
         # Under torchrun the ranks share the batches; all make the same number of calls (FSDP
         # gathers weights collectively), a rank without a batch left scoring a copy it ignores.
-        for i in range(-(-len(batches) // ranks)):
+        for i in range(calls):
             batch = (mine[i] if i < len(mine) else batches[0]).to(self.device)
             with self._autocast():
                 nats = self._forward(batch).double()
@@ -520,9 +569,14 @@ class TrainingMachine:
                 totals[2] += batch.n_target_bytes
         total_nats, n_targets, n_bytes = distributed.all_reduce(totals, "sum").tolist()
         result = {"val_loss": total_nats / max(n_targets, 1), "val_bpb": bits_per_byte(total_nats, n_bytes) if n_bytes else float("nan")}
+        if self.data.user is not None:  # your own data: perplexity; bits per byte only with a known tokenizer
+            result["val_ppl"] = math.exp(result["val_loss"]) if result["val_loss"] < 700 else float("nan")
+            if not self.data.knows_bytes:
+                del result["val_bpb"]
         self.last_eval = result
         self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, **result)
-        self.log.say(f"eval at step {self.step}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits/byte")
+        quality = f"{result['val_bpb']:.4f} bits/byte" if "val_bpb" in result else f"perplexity {result['val_ppl']:.2f}"
+        self.log.say(f"eval at step {self.step}: val loss {result['val_loss']:.4f}, {quality}")
         self.events.emit("on_eval", dict(result))
         return result
 
@@ -547,7 +601,8 @@ class TrainingMachine:
                     self.train_step()
                 self.stopped = stop.signal or ("SIGTERM" if not self.time.done else None)
             if self.stopped:
-                path = self.save_checkpoint()
+                # A stop on a step that already wrote its checkpoint does not write (or record) it twice.
+                path = self.save_checkpoint() if self._saved_step != self.step else self.checkpoints_newest()
                 self.log.record("stop", step=self.step, t=self.t, signal=self.stopped)
                 # The outcome ("stopped by ...; resume with ...") is the caller's to report: the CLI prints it.
                 self.log.say(f"{self.stopped} received: the run stops at step {self.step}"

@@ -15,9 +15,10 @@ def loss_sum(head: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch
     """Σ cross-entropy · weight over the batch's loss positions (nats), from the rack's output.
 
     The head projects only the positions in the loss: masked objectives skip the logits of the
-    ~85% of positions nobody scores (clm scores every position with weight 1). The projection and
+    ~85% of positions nobody scores (clm scores every position with weight 1, unless the batch
+    says `partial_loss`: a user batch with `-100` labels or padding). The projection and
     the cross-entropy are fused in row chunks (`Head.loss_sum`)."""
-    if batch.objective == "clm":
+    if batch.objective == "clm" and not batch.partial_loss:
         return head.loss_sum(hidden.flatten(0, 1), batch.labels.flatten())
     where = batch.loss_mask
     return head.loss_sum(hidden[where], batch.labels[where], batch.loss_weight[where])

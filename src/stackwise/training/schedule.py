@@ -6,7 +6,9 @@ The rules (DESIGN.md section 4, docs/schedule.md):
 - a phase holds [start_t, end_t); t = 1.0 belongs to the last phase;
 - the first step of a phase is `step_at(start_t)` = ceil(start_t · N), so the phase of step k is
   the phase whose [start_t, end_t) holds k / N, computed with integers to avoid float noise;
-- inside a phase, local time τ = (t − start_t) / (end_t − start_t) drives ramped settings.
+- inside a phase, local time τ = (t − start_t) / (end_t − start_t) drives ramped settings;
+- a run length or phase bounds in tokens or epochs are converted to steps once, before the
+  schedule is built (`resolve_time`, stackwise/time_units.py); t stays the one clock.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from stackwise import time_units
 from stackwise.config import (
+    _NO_VALUE,
     ConfigError,
     LrSchedule,
     OptimizerConfig,
@@ -34,22 +38,16 @@ from stackwise.config import (
     check_schedule,
     value_at,
 )
+from stackwise.time_units import step_at
 
-# Products t·N are rounded to this many decimals before ceil(): 0.07 · 100 = 7.000000000000001 must
-# give step 7, not 8. Nine decimals is far finer than any 1/N a run can have.
-_STEP_DECIMALS = 9
+_STEP_DECIMALS = time_units.STEP_DECIMALS
 # Boundaries closer than this are the same boundary (the tolerance config._schedule_problems uses).
-_EPS = 1e-9
+_EPS = time_units.T_EPS
 
 Problem = tuple[str, str, Any]
 
 # --------------------------------------------------------------------------------------------
 # Time
-
-
-def step_at(t: float, total_steps: int) -> int:
-    """The first step whose time k / N is ≥ t: ceil(t · N), robust to float error in t · N."""
-    return math.ceil(round(t * total_steps, _STEP_DECIMALS))
 
 
 class TimeController:
@@ -200,11 +198,12 @@ class Phase:
         """Build from a config phase; a step-defined phase needs the run's total steps."""
         bounds = phase.bounds_t(total_steps)
         if bounds is None:
+            needs = "the run length" if phase.time_unit == "step" else "the whole schedule (StackWiseConfig.in_steps)"
             raise ConfigError(
                 [
                     (
                         "training.total_steps",
-                        f"phase {phase.name!r} is given in steps; the run length is needed",
+                        f"phase {phase.name!r} is given in {phase.time_unit}s; converting it needs {needs}",
                         None,
                     )
                 ]
@@ -282,9 +281,13 @@ class PhaseSchedule:
 
     @classmethod
     def from_config(cls, config: StackWiseConfig, total_steps: int) -> PhaseSchedule:
-        """The config's schedule for a run of `total_steps` steps (one phase if it has none)."""
+        """The config's schedule for a run of `total_steps` steps (one phase if it has none).
+        Bounds in tokens are converted here (`in_steps`); epochs need the config converted with
+        the corpus first (`resolve_time`)."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ConfigError([("training.total_steps", "must be a positive integer", total_steps)])
+        if config.uses_time_units():
+            config = config.in_steps(total_steps)
         if config.schedule is None:
             schedule = cls.single_phase()
         else:
@@ -442,6 +445,40 @@ def _snap(phases: list[Phase]) -> list[Phase]:
         end = 1.0 if i == len(phases) - 1 else p.end_t
         out.append(p if (p.start_t, p.end_t) == (start, end) else replace(p, start_t=start, end_t=end))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Time in tokens and epochs: converted once, before anything depends on the run length
+
+
+def resolve_time(config: StackWiseConfig, total_steps: int | None = None, data: Any = None) -> StackWiseConfig:
+    """`config.in_steps(total_steps, ...)`, with the training split counted when epochs need it:
+    from `data` (a ProgressiveDataLoader, or any source with an int `n_train_tokens`) or, without
+    it, from a loader built on the config (tokenized once; the token cache serves the next)."""
+    keys = config.epoch_keys(total_steps)
+    if not keys:
+        return config.in_steps(total_steps)
+    if data is None:
+        from stackwise.training.loader import ProgressiveDataLoader  # the loader imports this module
+
+        data = ProgressiveDataLoader(config)
+    return config.in_steps(total_steps, train_token_counter(data, keys))
+
+
+def train_token_counter(source: Any, keys: Sequence[str] = ("training.total_epochs",)) -> Any:
+    """The training split's token count of `source`, as `StackWiseConfig.time_rates` takes it:
+    per phase corpus for a ProgressiveDataLoader, else its `n_train_tokens`. Raises ConfigError
+    naming `keys` (the fields in epochs) when the source cannot say."""
+    from stackwise.training.loader import ProgressiveDataLoader  # the loader imports this module
+
+    if isinstance(source, ProgressiveDataLoader):  # each phase's own corpus (the loader has read them all)
+        return lambda paths, text_field: len(source._stream(tuple(paths), text_field).train)
+    count = getattr(source, "n_train_tokens", None)
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    raise ConfigError([(key, "is in epochs, which count passes over the training split, and this data source does "
+                             "not say how many tokens it holds (no n_train_tokens); give the time in steps or tokens",
+                        _NO_VALUE) for key in keys])
 
 
 # --------------------------------------------------------------------------------------------
