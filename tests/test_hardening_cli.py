@@ -146,10 +146,18 @@ def interrupted(command: list[str], tmp_path: Path, delay: float) -> None:
     """Ctrl-C `delay` seconds after start: during the imports it is exit 130 with one line; once
     the run is training it is the graceful stop (exit 0, a checkpoint). Never a traceback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell without job control starts background commands with SIGINT ignored, and a child
+    # inherits that (CI may run the suite so): the child gets Ctrl-C as a terminal would send it.
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"Ctrl-C at {delay}s did not end the run: {err[-1000:]}")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     if process.returncode == 130:
         assert err.strip().splitlines()[-1] == "stackwise: interrupted", err[-2000:]

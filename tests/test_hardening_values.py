@@ -351,3 +351,10 @@ def test_huge_counts_are_refused_by_arithmetic_in_well_under_5_s(tmp_path, capsy
 def test_growth_up_to_the_bound_is_accepted():
     StackWiseConfig.from_dict(with_value("schedule.0.model_config.grow", {"n": MAX_BLOCKS - 1}))
     refused(with_value("schedule.0.model_config.grow", {"n": MAX_BLOCKS}))
+
+
+@pytest.mark.parametrize(("path", "value"), [("training.total_steps", True), ("training.batch_size", False),
+                                             ("training.optimizer.lr", True), ("model.d_model", True)])
+def test_true_and_false_are_not_numbers(path, value):
+    # pydantic alone reads true as 1: `training.total_steps=true` ran one step.
+    assert path in refused(with_value(path, value)).paths

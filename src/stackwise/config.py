@@ -117,6 +117,23 @@ class _Section(BaseModel):
     # allow_inf_nan=False: no float field of any section accepts NaN or ±Inf.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1 for an int field: `training.total_steps=true` would run 1 step.
+        if isinstance(data, Mapping):
+            wrong = [(key, value) for key, value in data.items() if isinstance(value, bool)
+                     and key in cls.model_fields and _numeric_only(cls.model_fields[key].annotation)]
+            if wrong:
+                raise _CrossFieldError([(key, "expected a number, not true/false", value) for key, value in wrong])
+        return data
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """A field that takes a number (int or float, possibly among other forms) and never a bool."""
+    members = getattr(annotation, "__args__", (annotation,))
+    return any(a in (int, float) for a in members) and bool not in members
+
 
 # --------------------------------------------------------------------------------------------
 # Reading config files and YAML text safely
