@@ -14,18 +14,12 @@ from stackwise.model.lora import LoRALinear
 from stackwise.model.quant import dequantize
 from stackwise.training import ProgressiveRackBuilder, TrainingMachine
 from stackwise.training.progressive import apply_model_phase
-
-WORDS = ["stack", "rack", "phase", "model", "data", "time", "grow", "frozen", "cache", "trunk", "head", "embed",
-         "learn", "token", "block", "layer", "train", "step", "rate", "mask", "loss", "curve"]
+from tests.runs import write_small_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(24):
-        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(36)]
-        (folder / f"doc{i:02d}.txt").write_text(" ".join(words) + ".\n")
-    return folder
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def model_config(sizes, **model):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stackwise.cli import main
 from stackwise.specs import BatchSpec, OptimizerSpec, SpecError
+from tests.runs import cli
 
 CONFIG = {
     "model": {"d_model": 32, "n_heads": 2, "vocab_size": 300, "max_seq_len": 64,
@@ -29,15 +29,6 @@ CONFIG = {
     "training": {"batch_size": 4, "seq_len": 32, "total_steps": 4},
     "data": {"use_dummy_data": True},
 }
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from stackwise.training import TrainingMachine
 from stackwise.training.checkpoint import CheckpointManager, load_checkpoint
 from stackwise.training.logger import read_metrics
 from stackwise.training.run_dir import RunLock
-from tests.runs import growth_config
+from tests.runs import growth_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,24 +78,13 @@ def run(stopped_run, tmp_path):
 # ---- one owner -------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, proc, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
-
-
 def test_a_second_process_is_refused_naming_the_pid_and_a_killed_owner_does_not_block(tmp_path, capsys):
     cfg = write(tmp_path, tiny(tmp_path, "live", steps=100_000, checkpoint_every=2))
     proc = subprocess.Popen([sys.executable, "-m", "stackwise", "train", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run = tmp_path / "runs" / "live"
     try:
-        assert _wait_for(lambda: (run / "checkpoints").is_dir() and len(CheckpointManager(run).list()) >= 2, proc)
+        assert wait_for(lambda: (run / "checkpoints").is_dir() and len(CheckpointManager(run).list()) >= 2, proc)
         refused(["train", "--resume", str(run)], capsys, f"pid {proc.pid}", str(run))
         assert proc.poll() is None  # the live run goes on, its in-progress checkpoint untouched
     finally:

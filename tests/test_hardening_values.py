@@ -20,10 +20,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from stackwise.cli import main
 from stackwise.config import MAX_BLOCKS, ConfigError, LrSchedule, PhaseConfig, Ramp, StackWiseConfig
 from stackwise.training import fits
 from stackwise.training.fits import check_fits
+from tests.runs import cli
 
 BASE = {
     "model": {"d_model": 32, "n_heads": 2, "vocab_size": 300, "max_seq_len": 64,
@@ -51,15 +51,6 @@ def refused(data: dict) -> ConfigError:
     with pytest.raises(ConfigError) as err:
         StackWiseConfig.from_dict(data)
     return err.value
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write(tmp_path: Path, data: dict, name: str = "cfg.yaml") -> Path:

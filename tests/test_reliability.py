@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from stackwise.config import ConfigError, StackWiseConfig
 from stackwise.training import TrainingMachine
 from stackwise.training.checkpoint import CheckpointError, CheckpointManager, _meta_digest, load_checkpoint
 from stackwise.training.machine import TrainingError
-from tests.runs import growth_config
+from tests.runs import growth_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,19 +55,12 @@ def files_of(path):
 CLI = [sys.executable, "-m", "stackwise", "train"]
 
 
+def _wait_for(predicate, proc):
+    return wait_for(predicate, proc, interval=0.001)  # a kill must land inside a checkpoint write
+
+
 def _start(args, cwd):
     return subprocess.Popen(CLI + args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_for(predicate, proc, timeout=60.0, interval=0.001):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(interval)
-    return False
 
 
 def _steps_logged(run_dir):

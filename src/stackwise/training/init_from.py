@@ -115,11 +115,12 @@ def _run_source(run_dir: Path, ckpt: Checkpoint) -> Source:
 # ---- 1. the config --------------------------------------------------------------------------
 
 
-def resolve_init_from(config: StackWiseConfig) -> StackWiseConfig:
-    """The config with the source's shapes, rack grouping and tokenizer filled in."""
+def resolve_init_from(config: StackWiseConfig, source: Source | None = None) -> StackWiseConfig:
+    """The config with the source's shapes, rack grouping and tokenizer filled in (`source`:
+    `find_source(config.model.init_from)` when the caller has read it already)."""
     if config.model.init_from is None:
         return config
-    source = find_source(config.model.init_from)
+    source = source or find_source(config.model.init_from)
     model, given = config.model, config.model.model_fields_set
     problems = [(f"model.{name}", f"the source {source.path} has {value!r}; remove the key or set it to that",
                  getattr(model, name))
@@ -198,9 +199,9 @@ def _vocab_size(config: StackWiseConfig, source: Source, tokenizer: Path | None,
 # ---- 2. the weights --------------------------------------------------------------------------
 
 
-def load_initial_weights(config: StackWiseConfig, model: StackWiseModel) -> Source:
+def load_initial_weights(config: StackWiseConfig, model: StackWiseModel, source: Source | None = None) -> Source:
     """Fill `model` (built from the resolved config) with the source's dense weights."""
-    source = find_source(config.model.init_from)
+    source = source or find_source(config.model.init_from)
     try:
         state = hf_import.load_hf_state(source.hf) if source.hf is not None else dense_hf_state(_source_model(source))
         bad = nonfinite_tensors(state.items())

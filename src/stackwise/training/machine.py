@@ -40,6 +40,7 @@ from stackwise.training.finite import UpdateUndo, group_params_finite
 from stackwise.training.fits import check_fits
 from stackwise.training.forward import LossForward
 from stackwise.training.init_from import (
+    find_source,
     initial_optimizer_state,
     load_initial_weights,
     resolve_init_from,
@@ -130,7 +131,9 @@ class TrainingMachine:
                  data: Any = None) -> None:
         """The run's config, length, schedule and clock (a resume: the run's own, extended by
         `--steps N` / `--extend`, and the config on record to compare with)."""
-        self.config = with_growth_schedule(resolve_init_from(config) if fresh else config)
+        # model.init_from is read once (a run source: its whole checkpoint) for the shapes and the weights.
+        self._init_source = find_source(config.model.init_from) if fresh and config.model.init_from else None
+        self.config = with_growth_schedule(resolve_init_from(config, self._init_source) if fresh else config)
         self._recorded: StackWiseConfig | None = None  # a resumed run's config on record
         self._extended_from: int | None = None
         if resume is not None:
@@ -183,10 +186,11 @@ class TrainingMachine:
         self._initial_optimizer_state: dict[str, Any] = {}
         started_from = None
         if fresh and model is None and self.config.model.init_from:
-            source = load_initial_weights(self.config, self.model)
+            source = load_initial_weights(self.config, self.model, self._init_source)
             self._initial_optimizer_state, dropped = initial_optimizer_state(self.config, source, self.model)
             started_from = start_summary(self.config, source, self.model, self.data.tokenizer,
                                          len(self._initial_optimizer_state), dropped)
+        self._init_source = None  # its tensors are in the model now
         self.model.to(self.device)
         self.optim = OptimizerAdapter(self.config.training.optimizer)
         spill = self.run_dir / "cache" if self.run_dir else None
