@@ -88,6 +88,19 @@ def reset_peak_rss() -> None:
         pass
 
 
+def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 1536, 2048), reps: int = 3) -> float:
+    """This machine's measured fp32 matmul rate (FLOP/s) with torch's current threads: for each
+    square size n, the best of `reps` products (2·n³ FLOPs each) after a warm-up; the median
+    over the sizes. The ceiling a CPU benchmark's model FLOP/s is compared with."""
+    rates = []
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up: threads, caches
+        best = min(timed(lambda: a @ b) for _ in range(reps))  # noqa: B023 (called at once)
+        rates.append(2 * n**3 / best)
+    return median(rates)
+
+
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"

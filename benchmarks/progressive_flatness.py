@@ -11,7 +11,10 @@ Each (mode, K) runs in its own worker process so that its peak memory is its own
 peak RSS during training minus the RSS before the first step, with model and data in place
 (so it counts activations, gradients, optimizer state, and for progressive runs the cache).
 Workers alternate between modes and repeat `--repeats` times; each reports the median step time
-of its measured steps, and the table gives the median over repeats.
+of its measured steps, and the table gives the median over repeats. Model FLOP/s is the run's
+analytic training FLOPs (training/flops.py: the cached trunk costs nothing) over the measured
+steps' time, and `peak_fraction` its share of this machine's measured fp32 matmul rate
+(`common.matmul_peak_flops`).
 
 Run: `.venv/bin/python -m benchmarks.progressive_flatness [--repeats 3 --steps 8]`.
 """
@@ -27,7 +30,7 @@ import time
 
 import torch
 
-from benchmarks.common import current_rss_mb, median, peak_rss_mb, table, write_results
+from benchmarks.common import current_rss_mb, matmul_peak_flops, median, peak_rss_mb, table, write_results
 
 KS = (1, 2, 4, 8)
 
@@ -57,6 +60,7 @@ def worker(mode: str, k: int, steps: int) -> dict:
         for _ in range(warm):
             machine.train_step()
         times = []
+        flops_before = machine.flops.total
         for _ in range(steps):
             start = time.perf_counter()
             machine.train_step()
@@ -66,6 +70,7 @@ def worker(mode: str, k: int, steps: int) -> dict:
             "mode": mode,
             "k": k,
             "step_s": median(times),
+            "model_flops_per_s": (machine.flops.total - flops_before) / sum(times),
             "train_mem_mb": peak_rss_mb() - base_rss,
             "cache_mb": cache.nbytes_ram / 2**20 if cache else 0.0,
             "peak_rss_mb": peak_rss_mb(),
@@ -90,6 +95,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
         return
+    peak = matmul_peak_flops()
     runs: list[dict] = []
     for r in range(args.repeats):
         for k in KS:
@@ -102,16 +108,19 @@ def main() -> None:
             rows.append({"mode": mode, "K": k, "step_s": median([x["step_s"] for x in mine]),
                          "train_mem_mb": median([x["train_mem_mb"] for x in mine]),
                          "cache_mb": median([x["cache_mb"] for x in mine]),
-                         "trainable": mine[0]["trainable_params"], "cache_hit_rate": median([x["cache_hit_rate"] for x in mine])})
+                         "trainable": mine[0]["trainable_params"], "cache_hit_rate": median([x["cache_hit_rate"] for x in mine]),
+                         "model_gflops_per_s": median([x["model_flops_per_s"] for x in mine]) / 1e9,
+                         "peak_fraction": median([x["model_flops_per_s"] for x in mine]) / peak})
     by = {(r["mode"], r["K"]): r for r in rows}
     ratios = {mode: {"time_k8_over_k1": by[(mode, 8)]["step_s"] / by[(mode, 1)]["step_s"],
                      "mem_k8_over_k1": by[(mode, 8)]["train_mem_mb"] / by[(mode, 1)]["train_mem_mb"]}
               for mode in ("progressive", "end_to_end")}
-    path = write_results("progressive_flatness", {"repeats": args.repeats, "steps": args.steps, "rows": rows,
-                                                  "ratios": ratios, "runs": runs})
+    path = write_results("progressive_flatness", {"repeats": args.repeats, "steps": args.steps,
+                                                  "matmul_peak_flops": peak, "rows": rows, "ratios": ratios, "runs": runs})
     print(table(rows))
     for mode, r in ratios.items():
         print(f"{mode}: time(K=8)/time(K=1) = {r['time_k8_over_k1']:.2f}, memory(K=8)/memory(K=1) = {r['mem_k8_over_k1']:.2f}")
+    print(f"fp32 matmul peak of this machine: {peak / 1e9:,.1f} GFLOP/s")
     print(f"results: {path}")
 
 

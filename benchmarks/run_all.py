@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 # name: arguments for --quick (the default run passes none: each module's defaults).
 BENCHMARKS: dict[str, list[str]] = {
     "data_tokenize": ["--repeats", "2"],
+    "data_ingest": ["--sizes", "2", "4"],
     "engine_overhead": ["--blocks", "2", "--steps", "3", "--warmup", "1"],
     "hot_path": ["--blocks", "2", "--steps", "2"],
     "progressive_flatness": ["--repeats", "1", "--steps", "2"],
@@ -57,6 +58,8 @@ def headline(name: str, r: dict) -> dict[str, Any]:
         starts = {s["tokenizer"]: s["cold_s"] / s["warm_s"] for s in r.get("loader_start", [])}
         return {"bpe_encode_mb_per_s": _get(r, "bpe_4096_builtin", "encode_mb_per_s"),
                 "bpe_train_s": _get(r, "bpe_4096_builtin", "train_s"), "loader_start_cold_over_warm": starts}
+    if name == "data_ingest":
+        return r.get("goals", {})
     if name == "engine_overhead":
         return {"machine_over_hand_tokens_per_s": r.get("ratio_machine_over_hand"),
                 "per_block_median": r.get("ratio_per_block_median"), "median_tokens_per_s": r.get("median_tokens_per_s")}

@@ -29,3 +29,19 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
     weights = {name: r["weights_estimated_mib"] for name, r in rows.items()}
     assert weights["top stack, NF4 trunk"] < weights["top stack, bf16 trunk"] < weights["top stack, fp32 trunk"]
     assert rows["top stack, fp32 trunk"]["trainable"] < rows["end to end"]["trainable"]
+
+
+def test_data_ingest_smoke_prepares_every_form_and_reports_the_goals(tmp_path):
+    out = tmp_path / "data_ingest.json"
+    cmd = [sys.executable, "-m", "benchmarks.data_ingest", "--sizes", "1", "2", "--work", str(tmp_path / "work"),
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {(r["size_mb"], r["form"], r["tokenizer"]) for r in result["rows"]}
+    assert rows == {(s, f, t) for s in (1, 2) for f in ("single", "docs") for t in ("byte", "bpe")}
+    for r in result["rows"]:
+        assert 0.9 * r["size_mb"] < r["text_mb"] < 1.1 * r["size_mb"] and r["peak_rss_mb"] > 0
+        assert (r["tokens"] > r["text_mb"] * 1e6) == (r["tokenizer"] == "byte")  # byte: a token per byte, plus [EOS]s
+    assert set(result["goals"]["peak_ratio_largest_over_smallest"]) == {"single/byte", "single/bpe", "docs/byte", "docs/bpe"}
+    assert result["goals"]["min_encode_vs_bare"] > 0

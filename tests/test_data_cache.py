@@ -61,9 +61,9 @@ def test_second_load_reuses_the_cache_without_tokenizing(tmp_path, monkeypatch):
     _write_corpus(tmp_path / "corpus")
     calls = _count_tokenize_calls(monkeypatch)
     first = ProgressiveDataLoader(_config(tmp_path / "corpus", tmp_path / "cache"))
-    assert len(calls) == 2  # train and validation
+    assert len(calls) == 1  # one streaming pass writes both splits
     second = ProgressiveDataLoader(_config(tmp_path / "corpus", tmp_path / "cache"))
-    assert len(calls) == 2
+    assert len(calls) == 1
     assert isinstance(second._tokens.train, np.memmap)
     assert np.array_equal(first._tokens.train, second._tokens.train)
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1
@@ -75,7 +75,7 @@ def test_changed_file_invalidates_the_cache(tmp_path, monkeypatch):
     before = ProgressiveDataLoader(_config(tmp_path / "corpus", tmp_path / "cache"))._tokens
     files[3].write_text(files[3].read_text() + " One more sentence.")
     after = ProgressiveDataLoader(_config(tmp_path / "corpus", tmp_path / "cache"))._tokens
-    assert len(calls) == 4
+    assert len(calls) == 2
     assert after.key != before.key
     assert len(after.train) + len(after.val) == len(before.train) + len(before.val) + len(
         " One more sentence."
@@ -123,7 +123,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     again = load_token_splits(
         corpus, ByteTokenizer(), val_fraction=0.05, text_field="text", cache_dir=tmp_path
     )
-    assert len(calls) == 2
+    assert len(calls) == 1
     assert np.array_equal(again.train, expected)
 
 

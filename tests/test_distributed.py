@@ -40,8 +40,9 @@ BASE = {
     "run": {"device": "cpu", "log_every": 1, "eval_every": 6, "eval_batches": 3, "checkpoint_every": 4, "keep_last": 10},
 }
 
-# Growth under FSDP2: a second stack on an NF4-frozen trunk (activation cache on), then a third
-# with the trunk turned into QLoRA. d_model 128: some NF4 weights shard over 2 ranks, some stay whole.
+# Growth under FSDP2: a second stack on an NF4-frozen trunk (activation cache on: forced, as its 48
+# draws repeat no sample), then a third with the trunk turned into QLoRA. d_model 128: some NF4
+# weights shard over 2 ranks, some stay whole.
 GROW = {
     "model": {"d_model": 128, "n_heads": 4, "max_seq_len": 64, "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
     "training": {"batch_size": 8, "seq_len": 32, "total_steps": 18, "seed": 0,
@@ -54,7 +55,8 @@ GROW = {
         {"name": "three", "start_t": 0.67, "end_t": 1.0,
          "model_config": {"grow": {"n": 1}, "trainable": "new", "trunk": "qlora", "lora": {"rank": 4}}},
     ],
-    "run": {"device": "cpu", "log_every": 1, "eval_every": 6, "eval_batches": 3, "checkpoint_every": 4, "keep_last": 10},
+    "run": {"device": "cpu", "log_every": 1, "eval_every": 6, "eval_batches": 3, "checkpoint_every": 4, "keep_last": 10,
+            "activation_cache": True},
 }
 
 

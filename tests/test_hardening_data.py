@@ -284,7 +284,7 @@ def test_cache_dir_that_is_a_file_is_one_message_before_anything_is_read(tmp_pat
     blocker = tmp_path / "cache-file"
     blocker.write_text("not a folder")
     read = []
-    monkeypatch.setattr("stackwise.training.loader.load_corpus", lambda *a, **k: read.append(1))
+    monkeypatch.setattr("stackwise.training.loader.open_corpus", lambda *a, **k: read.append(1))
     for cache in (blocker, blocker / "below"):
         code, err = train(tmp_path, capsys, config(tmp_path, cache=cache))
         assert_refused(code, err, blocker, "is a file")
@@ -341,8 +341,8 @@ def test_a_read_only_cache_that_holds_every_entry_still_works(tmp_path, monkeypa
 def test_a_full_disk_while_writing_the_token_cache_is_one_message_and_leaves_no_entry(tmp_path, capsys, monkeypatch):
     real = token_cache_module.tokenize_documents
 
-    def full_disk(tokenizer, texts, out, dtype, digest=None):
-        real(tokenizer, texts[:3], out, dtype, digest)  # some bytes land, then the disk is full
+    def full_disk(source, plan, tokenizer, streams, dtype, progress):
+        streams[0].write(np.zeros(1000, dtype))  # some bytes land, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(token_cache_module, "tokenize_documents", full_disk)

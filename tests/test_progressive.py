@@ -208,7 +208,9 @@ def test_cache_is_used_and_spills_to_disk(tmp_path, corpus):
 def test_cache_is_invalidated_when_the_trunk_changes(tmp_path, corpus):
     schedule = [*two_phases()[:1], {"name": "two", "start_t": 0.3, "end_t": 0.6, "model_config": grow()},
                 {"name": "three", "start_t": 0.6, "end_t": 1.0, "model_config": grow()}]
-    machine = TrainingMachine(config(tmp_path, corpus, schedule), total_steps=30, run_dir=False, console=False)
+    # Phases of 72 and 96 draws of 130 windows: under an epoch, so the cache is forced on.
+    cfg = config(tmp_path, corpus, schedule, run__activation_cache=True)
+    machine = TrainingMachine(cfg, total_steps=30, run_dir=False, console=False)
     contexts = []
     while machine.step < 30:
         machine.train_step()
@@ -278,12 +280,13 @@ def test_stack_and_trunk_precision(tmp_path, corpus):
 
 
 def test_a_resumed_run_keeps_its_activation_cache(tmp_path, corpus):
-    first = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=20, console=False)
-    for _ in range(10):  # inside phase "two", cache on
+    # Phase "two" runs steps 12-39: 224 draws of 130 windows, and 208 from step 14, so samples repeat.
+    first = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=40, console=False)
+    for _ in range(14):  # inside phase "two", cache on
         first.train_step()
     assert first.cache.active
     first.save_checkpoint()
     first.log.close()
-    resumed = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=20, resume=first.run_dir, console=False)
+    resumed = TrainingMachine(config(tmp_path, corpus, two_phases()), total_steps=40, resume=first.run_dir, console=False)
     assert resumed.phase.name == "two" and resumed.cache.active
     resumed.train()

@@ -290,14 +290,19 @@ class Ramp(_Section):
 
 
 class LrSchedule(_Section):
-    """Learning-rate shape inside a phase: linear warmup to `peak`, then `schedule` down to `final`."""
+    """Learning-rate shape: linear warmup to `peak`, then `schedule` down to `final`, over a
+    phase's local time τ (`over: phase`, the default) or over the whole run's t (`over: run`)."""
 
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     peak: float = Field(gt=0, le=MAX_LR)
     final: float = Field(default=0.0, ge=0, le=MAX_LR)
-    warmup: float = Field(default=0.0, ge=0, lt=1, description="fraction of the phase spent warming up")
+    warmup: float = Field(default=0.0, ge=0, lt=1, description="fraction of the phase (or run) spent warming up")
+    over: Literal["phase", "run"] = Field(
+        default="phase", description="phase: the shape restarts in each phase (τ); run: one shape over the run (t)"
+    )
 
     def at(self, tau: float) -> float:
+        """The shape at time τ ∈ [0, 1] of what it spans (a phase's τ, or the run's t for `over: run`)."""
         tau = min(max(tau, 0.0), 1.0)
         if self.warmup > 0 and tau < self.warmup:
             return self.peak * (tau / self.warmup)
@@ -356,6 +361,8 @@ WeightDecay = Annotated[float, Field(ge=0)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
 GradClip = Annotated[float, Field(gt=0)]
 LrScale = dict[str, Annotated[float, Field(ge=0)]]
+LrMultiplier = Annotated[float, Field(gt=0, le=MAX_LR)]
+WarmupNew = Annotated[float, Field(ge=0, le=1)]
 MaskRate = Annotated[Number, AfterValidator(_rate_in_range)]
 MaskRange = Annotated[tuple[float, float], AfterValidator(_range_in_order)]
 SeqLen = Annotated[int, Field(ge=2)]
@@ -501,6 +508,10 @@ class OptimizerConfig(_Section):
 
     optimizer_type: OptimizerType = "AdamW"
     lr: LearningRate = 3e-4
+    lr_multiplier: LrMultiplier = Field(default=1.0, description="multiplies the lr shape (a phase's share of a run-wide lr)")
+    warmup_new: WarmupNew = Field(
+        default=0.0, description="fraction of a phase over which the parameters it adds (growth) warm up from lr 0"
+    )
     weight_decay: WeightDecay = 0.1
     betas: Betas = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
@@ -555,10 +566,16 @@ class TrainingConfig(_Section):
 # data
 
 
+def _byte_count(v: Any) -> Any:
+    return time_units.parse_token_count(v, 1, unit="byte")
+
+
 class TokenizerConfig(_Section):
     kind: Literal["byte", "bpe"] = "byte"
     vocab_size: int = Field(default=4096, ge=300, description="BPE only: size including special tokens")
     path: str | None = Field(default=None, description="load this tokenizer.json instead of training one")
+    train_bytes: Annotated[int, BeforeValidator(_byte_count)] = Field(
+        default=200_000_000, description="BPE only: text it trains on, a sample of the training split (e.g. 200M)")
 
 
 Objective = Literal["clm", "mlm", "diffusion"]
@@ -716,6 +733,8 @@ class PhaseOptimizerConfig(_Section):
 
     optimizer_type: OptimizerType | None = None
     lr: LearningRate | None = None
+    lr_multiplier: LrMultiplier | None = None
+    warmup_new: WarmupNew | None = None
     weight_decay: WeightDecay | None = None
     betas: Betas | None = None
     momentum: Momentum | None = None
@@ -804,7 +823,10 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = False
-    activation_cache: bool = Field(default=True, description="cache a frozen trunk's output per sample when valid")
+    activation_cache: bool | Literal["auto"] = Field(
+        default="auto", description="cache a frozen trunk's output per sample: auto = where samples repeat in the phase "
+        "(it crosses an epoch), true = wherever valid (warns when no sample repeats), false = never"
+    )
     cache_ram_mb: int = Field(default=2048, ge=0, description="RAM for cached activations; the rest spills to files")
     eval_every: int = Field(default=100, ge=1)
     eval_batches: int = Field(default=8, ge=1)

@@ -58,35 +58,37 @@ def step_at(t: float, total_steps: int) -> int:
 # Values as written
 
 
-def parse_token_count(value: Any, minimum: int = 0) -> int:
+def parse_token_count(value: Any, minimum: int = 0, unit: str = "token") -> int:
     """A token count as written in a config: an int, a whole float (1.5e9) or a string with an
     optional K/M/B/T suffix ("50M", "1.5B", "1_000"). Exact: "1.5B" is 1_500_000_000. Raises
-    ValueError saying what is accepted."""
+    ValueError saying what is accepted. `unit`: what is counted, for messages ("byte" for
+    data.tokenizer.train_bytes)."""
+    help_text = TOKEN_COUNT_HELP.replace("token", unit)
     if isinstance(value, bool):
-        raise ValueError(f"is not a token count: expected {TOKEN_COUNT_HELP}")
+        raise ValueError(f"is not a {unit} count: expected {help_text}")
     if isinstance(value, int):
         count = Fraction(value)
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"is not a token count: expected {TOKEN_COUNT_HELP}")
+            raise ValueError(f"is not a {unit} count: expected {help_text}")
         count = Fraction(repr(value))
     elif isinstance(value, str):
         match = _COUNT.fullmatch(value.strip()) if len(value) <= 100 else None
         if match is None:
-            raise ValueError(f"is not a token count: expected {TOKEN_COUNT_HELP}")
+            raise ValueError(f"is not a {unit} count: expected {help_text}")
         try:
             number = Fraction(match["number"].replace("_", ""))
         except ValueError:
-            raise ValueError(f"is not a token count: expected {TOKEN_COUNT_HELP}") from None
+            raise ValueError(f"is not a {unit} count: expected {help_text}") from None
         count = number * Fraction(10) ** int(match["exp"] or 0) * _SUFFIXES[match["suffix"].lower()]
     else:
-        raise ValueError(f"is not a token count: expected {TOKEN_COUNT_HELP}")
+        raise ValueError(f"is not a {unit} count: expected {help_text}")
     if count > MAX_TOKENS:
-        raise ValueError("is more than 10^18 tokens (a typo?)")
+        raise ValueError(f"is more than 10^18 {unit}s (a typo?)")
     if count.denominator != 1:
-        raise ValueError(f"is {float(count):g} tokens, not a whole number of tokens")
+        raise ValueError(f"is {float(count):g} {unit}s, not a whole number of {unit}s")
     if count < minimum:
-        raise ValueError(f"must be at least {minimum} token{'s' * (minimum != 1)}")
+        raise ValueError(f"must be at least {minimum} {unit}{'s' * (minimum != 1)}")
     return int(count)
 
 

@@ -1,4 +1,4 @@
-"""The `stackwise` command: train, plan, plot, eval, generate, consolidate, export.
+"""The `stackwise` command: train, plan, prepare, plot, eval, generate, consolidate, export.
 
 Every user error (bad config, data, checkpoint or arguments) prints one message and exits 2.
 Ctrl-C at any moment, the first imports included, prints one line and exits 130: this module
@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from stackwise.cli.plan import format_table, memory_table, plan_rows
+    from stackwise.cli.plan import flops_summary, format_table, memory_table, plan_rows
     from stackwise.training.init_from import resolve_init_from
     from stackwise.training.progressive import with_growth_schedule
     from stackwise.training.schedule import resolve_time, train_token_counter
@@ -114,9 +114,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = plan_rows(config, steps, device=device, windows=_windows(corpus) if corpus else None,
                      train_tokens=train_token_counter(corpus) if corpus else None)
     print(format_table(rows))
+    print(flops_summary(rows))
     if args.memory:
         print()
         print(memory_table(rows, device))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from stackwise.cli.prepare import prepare_report
+    from stackwise.training.init_from import resolve_init_from
+    from stackwise.training.loader import ProgressiveDataLoader
+    from stackwise.training.progressive import with_growth_schedule
+
+    config = with_growth_schedule(resolve_init_from(_load_config(args.config, args.overrides)))
+    if config.data.use_dummy_data:
+        raise UsageError("data.use_dummy_data is true: there is no corpus to prepare")
+    print(prepare_report(ProgressiveDataLoader(config)))
     return 0
 
 
@@ -153,7 +167,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such run directory")
-    print(plot_run(run_dir, args.out))  # a bad --out is refused before anything is drawn
+    print(plot_run(run_dir, args.out, x=args.x))  # a bad --out is refused before anything is drawn
     return 0
 
 
@@ -176,6 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mask_range=tuple(args.mask_range) if args.mask_range else None, mask_rate=args.mask_rate,
         validation="all" if split == "all" else "split",
     )
+    if not args.data:
+        _check_run_corpus(run_dir, machine)
     loader = getattr(machine.data, "loader", None)
     batches = args.batches
     if batches is None:
@@ -193,6 +209,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{scope['total_documents']:,} documents ({what} {scope['corpus']}; {scope['windows']:,} windows of "
               f"{loader.settings.seq_len + 1} tokens)")
     return 0
+
+
+def _check_run_corpus(run_dir: Path, machine) -> None:
+    """`eval RUN` scores the validation split of the corpus the run trained on: say so plainly
+    when that corpus is not here (a run folder copied elsewhere), instead of a bare path error."""
+    paths = machine.data.settings.get("paths", machine.config.data.paths)
+    missing = [p for p in paths or () if not Path(p).expanduser().exists()]
+    if missing:
+        raise UsageError(f"{run_dir} trained on {', '.join(map(str, paths))}, and {missing[0]} is not here: `eval` "
+                         "without --data scores that corpus's validation split; pass --data FILE to score a file, or "
+                         "run it where the corpus is")
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -297,9 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not read the corpus (the cache size and epochs are then unknown)")
     plan.set_defaults(func=cmd_plan)
 
-    plot = sub.add_parser("plot", help="write a PNG of loss against t with phase bands")
+    prep = sub.add_parser("prepare", help="prepare the corpora of a config (tokenizer and token shards) without training")
+    prep.add_argument("config", metavar="CONFIG.yaml")
+    prep.add_argument("overrides", nargs="*", metavar="key=value")
+    prep.set_defaults(func=cmd_prepare)
+
+    plot = sub.add_parser("plot", help="write a PNG of loss against t (or steps, tokens, FLOPs, time) with phase bands")
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/loss.png)")
+    plot.add_argument("--x", choices=["t", "step", "tokens", "flops", "time"], default="t",
+                      help="the x axis: normalized time t (default), step, tokens seen, training FLOPs, or wall-clock seconds")
     plot.set_defaults(func=cmd_plot)
 
     ev = sub.add_parser("eval", help="validation loss and bits per byte of a run's newest checkpoint")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from stackwise.config import LrSchedule, StackWiseConfig, TrainTokens
+from stackwise.config import LrSchedule, Ramp, StackWiseConfig, TrainTokens
 from stackwise.time_units import clock_positions
 from stackwise.training.fits import mask_fraction as _mask_fraction  # noqa: F401 (re-exported)
 from stackwise.training.fits import phase_memory
+from stackwise.training.flops import end_to_end_flops, phase_flops, step_cost
 from stackwise.training.memory import gib
 from stackwise.training.progressive import with_growth_schedule
-from stackwise.training.schedule import PhaseSchedule, resolve_data, resolve_optimizer
+from stackwise.training.schedule import PhaseSchedule, lr_summary, resolve_data, resolve_optimizer
 from stackwise.training.structure import (  # noqa: F401 (planned_vocab: re-exported)
     planned_vocab,
     replay_phases,
@@ -55,13 +56,69 @@ def plan_rows(config: StackWiseConfig, total_steps: int | None = None, device: s
             "objective": data["objective"],
             "params": model.num_parameters(),
             "trainable": model.num_parameters(trainable_only=True),
-            "lr": describe_lr(optimizer.lr),
+            "lr": lr_summary(optimizer, phase),  # a run-wide shape: its values at the phase's start and end
             "optimizer": optimizer.optimizer_type,
             "mem_GiB": gib(memory.peak(device)),
+            "flops": None,  # filled below, once the final model is known (with e2e_flops)
+            "e2e_flops": None,
             "time": clock,  # exact positions (not printed): steps, tokens, epochs (Fractions, or None)
             "memory": memory,
+            "compute": _phase_compute(config, model, phase, data, clock, windows),
         })
+    # `model` is the final one now (replay_phases changes one model in place).
+    for row in rows:
+        compute = row["compute"]
+        compute["end_to_end"] = end_to_end_flops(model, compute["tokens"], compute["seq_len"], compute["scored"])
+        row["flops"], row["e2e_flops"] = scientific(compute["flops"]), scientific(compute["end_to_end"])
     return rows
+
+
+def _phase_compute(config: StackWiseConfig, model: Any, phase: Any, data: dict[str, Any], clock: dict[str, Any],
+                   windows: Any) -> dict[str, Any]:
+    """A phase's training FLOPs (training/flops.py), with the cache serving every draw that can
+    repeat one earlier in the phase when the corpus is known (otherwise none: an upper bound)."""
+    from stackwise.training.cache import cache_decision
+    from stackwise.training.memory import first_trainable_stack
+
+    first, end = clock["steps"]
+    batch, seq_len = data["batch_size"], data["seq_len"]
+    hits = 0
+    if windows:
+        decision = cache_decision(config.run.activation_cache, first_trainable_stack(model), data["objective"],
+                                  data["mask_rate"], phase=phase.name, draws=(end - first) * batch,
+                                  n_windows=windows(seq_len))
+        hits = decision.hits if decision.on else 0
+    scored = scored_fraction(data)
+    flops = phase_flops(step_cost(model), steps=end - first, batch_size=batch, seq_len=seq_len, scored_fraction=scored,
+                        cache_hit_rows=hits, micro_batches=config.training.grad_accum_steps)
+    return {"flops": flops, "tokens": (end - first) * batch * seq_len, "seq_len": seq_len, "scored": scored,
+            "cache_hit_rows": hits}
+
+
+def scored_fraction(data: dict[str, Any]) -> float:
+    """The expected share of positions the head scores: all for clm, the mean mask rate of a
+    masked objective (a ramp's mean over the phase is the middle of its ends)."""
+    if data["objective"] == "mlm":
+        rate = data["mask_rate"]
+        return (rate.start + rate.end) / 2 if isinstance(rate, Ramp) else rate
+    if data["objective"] == "diffusion":
+        return sum(data["mask_range"]) / 2
+    return 1.0
+
+
+def scientific(x: float) -> str:
+    """A FLOP count as 1.23e15."""
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def flops_summary(rows: list[dict[str, Any]]) -> str:
+    """The run's training FLOPs next to those of its final model trained end to end on the same tokens."""
+    total = sum(row["compute"]["flops"] for row in rows)
+    end_to_end = sum(row["compute"]["end_to_end"] for row in rows)
+    ratio = total / end_to_end if end_to_end else float("nan")
+    return (f"training FLOPs: {scientific(total)} in all; the final model trained end to end on the same tokens: "
+            f"{scientific(end_to_end)} (ratio {ratio:.3f}; docs/training.md, \"Compute (FLOPs)\")")
 
 
 def compact(n: int) -> str:
@@ -95,7 +152,7 @@ def describe_lr(lr: float | LrSchedule) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    rows = [{k: v for k, v in row.items() if k not in ("memory", "time")} for row in rows]
+    rows = [{k: v for k, v in row.items() if k not in ("memory", "time", "compute")} for row in rows]
     cells = [{k: _fmt(v) for k, v in row.items()} for row in rows]
     widths = {k: max(len(k), *(len(c[k]) for c in cells)) for k in rows[0]}
     lines = ["  ".join(k.ljust(widths[k]) for k in widths)]

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ BUILTIN_NAME = "built-in corpus (pydoc_data.topics)"
 TEXT_SUFFIXES = formats.TEXT_SUFFIXES
 JSONL_SUFFIX = formats.JSONL_SUFFIX
 # Bump when the split rule changes: it is part of every cache key derived from a split.
-SPLIT_RULE = "content-blake2b-v1"
+SPLIT_RULE = "content-blake2b-v2-cut"  # v2: documents over formats.max_document_bytes are cut
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,51 @@ class Document:
 
 
 @dataclass(frozen=True)
-class Corpus:
-    documents: tuple[Document, ...]
+class CorpusSource:
+    """Where a corpus's documents come from, resolved and fingerprinted but not read: the
+    documents are streamed by `documents()` (memory holds one file chunk and one document at a
+    time), as often as a pipeline stage needs."""
+
     name: str  # how messages refer to the corpus: the configured paths or BUILTIN_NAME
-    files: tuple[str, ...] = ()  # every file read, in order (empty for the built-in corpus)
+    files: tuple[str, ...] = ()  # every file to read, in order (empty for the built-in corpus)
     fingerprint: str = ""  # changes whenever a file's path or bytes change
-    replacements: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced
+    text_field: str = "text"
     token_files: tuple[str, ...] = ()  # a token corpus (.bin files): no documents until split by the cache
+    stored_bytes: int = 0  # the files' sizes on disk (for progress and messages)
+
+    @property
+    def builtin(self) -> bool:
+        return not self.files
+
+    def documents(self, stats: formats.FileStats | None = None, warn: bool = True) -> Iterator[Document]:
+        """Every document, in corpus order; invalid UTF-8 replaced and counted in `stats` (with
+        `warn`, a warning naming each such file is logged once it has been read whole)."""
+        if self.token_files:
+            raise ValueError("a token corpus has no text documents (token_files.write_token_splits reads it)")
+        if self.builtin:
+            yield from _builtin_documents()
+            return
+        stats = stats if stats is not None else formats.FileStats()
+        for name in self.files:
+            path = Path(name)
+            for text, source in formats.iter_records(path, self.text_field, stats):
+                yield Document(text, source)
+            if warn and stats.replacements.get(name):
+                log.warning("%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD; re-save the file as UTF-8 "
+                            "to keep them", path, stats.replacements[name])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus read whole into memory (`load_corpus`): for small corpora and tests. Training
+    streams a `CorpusSource` instead (stackwise.data.pipeline)."""
+
+    documents: tuple[Document, ...]
+    name: str
+    files: tuple[str, ...] = ()
+    fingerprint: str = ""
+    replacements: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced
+    token_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,53 +110,72 @@ class CorpusSplit:
 # loading
 
 
-def builtin_corpus() -> Corpus:
-    """CPython's own documentation topics: ~465 KB of English, always available offline."""
+def _builtin_documents() -> Iterator[Document]:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    documents = tuple(Document(topics[k], f"pydoc_data.topics:{k}") for k in keys if topics[k].strip())
+    for key in sorted(topics):
+        if topics[key].strip():
+            yield Document(topics[key], f"pydoc_data.topics:{key}")
+
+
+def builtin_source() -> CorpusSource:
+    """CPython's own documentation topics: ~465 KB of English, always available offline."""
     digest = hashlib.blake2b(b"pydoc_data.topics\0", digest_size=16)
-    for doc in documents:
+    for doc in _builtin_documents():
         digest.update(doc.source.encode() + b"\0" + doc.text.encode() + b"\0")
-    return Corpus(documents, BUILTIN_NAME, fingerprint=digest.hexdigest())
+    return CorpusSource(BUILTIN_NAME, fingerprint=digest.hexdigest())
 
 
-def load_corpus(paths: Sequence[str], text_field: str = "text", include: Sequence[str] | None = None) -> Corpus:
-    """Read `data.paths` (files and folders, in every form `formats` knows); an empty list means
-    the built-in corpus. `include`: glob patterns choosing the files of a folder (`data.include`)."""
+def builtin_corpus() -> Corpus:
+    """The built-in corpus, in memory."""
+    return read_corpus(builtin_source())
+
+
+def open_corpus(paths: Sequence[str], text_field: str = "text", include: Sequence[str] | None = None) -> CorpusSource:
+    """Resolve `data.paths` (files and folders, in every form `formats` knows) and fingerprint
+    them (each file's bytes hashed in 1 MiB chunks); nothing is decoded. An empty list means the
+    built-in corpus. `include`: glob patterns choosing the files of a folder (`data.include`)."""
     if not paths:
-        return builtin_corpus()
+        return builtin_source()
     files = _unique(f for p in paths for f in _expand(p, include))
     name = describe(paths)
     kinds = [formats.file_format(f).kind for f in files]
     if "tokens" in kinds:
         return _token_corpus(files, kinds, name)
-    documents: list[Document] = []
-    replacements: dict[str, int] = {}
-    digest = hashlib.blake2b(b"files\0", digest_size=16)
+    digest, stored = hashlib.blake2b(b"files\0", digest_size=16), 0
     for path in files:
-        read = formats.read_text_file(path, text_field)
-        digest.update(f"{path.resolve()}\0{read.size}\0".encode())
-        digest.update(read.digest)
-        documents.extend(Document(text, source) for text, source in read.records)
-        if read.replacements:
-            replacements[str(path)] = read.replacements
-            log.warning(
-                "%s: replaced %d invalid UTF-8 sequence(s) with U+FFFD; re-save the file as UTF-8 to keep them",
-                path,
-                read.replacements,
-            )
+        file_hash, size = formats.file_digest(path)
+        digest.update(f"{path.resolve()}\0{size}\0".encode())
+        digest.update(file_hash)
+        stored += size
+    return CorpusSource(name, tuple(str(f) for f in files), digest.hexdigest(), text_field, stored_bytes=stored)
+
+
+def read_corpus(source: CorpusSource) -> Corpus:
+    """Every document of `source` in memory; an empty corpus is a DataError naming its files."""
+    if source.token_files:
+        return Corpus((), source.name, source.files, source.fingerprint, token_files=source.token_files)
+    stats = formats.FileStats()
+    documents = tuple(source.documents(stats))
     if not documents:
-        raise DataError(
-            f"{name}: the corpus is empty (no text in {describe([str(f) for f in files])}); "
-            "add text to the files or point data.paths at a corpus",
-            files[0],
-        )
-    return Corpus(tuple(documents), name, tuple(str(f) for f in files), digest.hexdigest(), replacements)
+        raise empty_corpus(source)
+    return Corpus(documents, source.name, source.files, source.fingerprint, stats.replacements)
 
 
-def _token_corpus(files: list[Path], kinds: list[str], name: str) -> Corpus:
+def load_corpus(paths: Sequence[str], text_field: str = "text", include: Sequence[str] | None = None) -> Corpus:
+    """`open_corpus` read whole into memory (small corpora; training streams instead)."""
+    return read_corpus(open_corpus(paths, text_field, include))
+
+
+def empty_corpus(source: CorpusSource) -> DataError:
+    return DataError(
+        f"{source.name}: the corpus is empty (no text in {describe(list(source.files))}); "
+        "add text to the files or point data.paths at a corpus",
+        source.files[0] if source.files else None,
+    )
+
+
+def _token_corpus(files: list[Path], kinds: list[str], name: str) -> CorpusSource:
     """A corpus of `.bin` token files: nothing is read here (they may be gigabytes); the token
     cache splits and copies them once, keyed by each file's identity."""
     from stackwise.data.token_files import identity_fingerprint
@@ -134,7 +191,9 @@ def _token_corpus(files: list[Path], kinds: list[str], name: str) -> Corpus:
     digest = hashlib.blake2b(b"token-files\0", digest_size=16)
     for path in files:
         digest.update(f"{path.resolve()}\0{identity_fingerprint(path)}\0".encode())
-    return Corpus((), name, tuple(str(f) for f in files), digest.hexdigest(), token_files=tuple(str(f) for f in files))
+    names = tuple(str(f) for f in files)
+    return CorpusSource(name, names, digest.hexdigest(), token_files=names,
+                        stored_bytes=sum(os.stat(f).st_size for f in files))
 
 
 def describe(paths: Sequence[str]) -> str:

@@ -12,25 +12,28 @@ A file's form follows from its name (case-insensitive):
 `.gz` is read with the standard library, `.zst` with zstandard (`pip install 'stackwise[zstd]'`);
 both are streamed: JSON lines are decoded one line at a time, never the whole file at once.
 
-Readers return (text, source) records and a digest of the file's stored bytes, from which the
-corpus fingerprint is made; corpus.py turns records into documents.
+`iter_records` streams a file's (text, source) records, one chunk of the file in memory at a
+time; a document larger than `max_document_bytes` (256 KiB) is cut into several at blank lines
+(`cut_pieces`). `file_digest` hashes a file's stored bytes, from which the corpus fingerprint is
+made; corpus.py turns records into documents.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from stackwise.data.errors import DataError
-from stackwise.data.files import open_regular, read_regular
+from stackwise.data.files import open_regular
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".text", ""})
 JSONL_SUFFIX = ".jsonl"
@@ -46,7 +49,14 @@ FOLDER_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".parquet",
 _COMPRESSED_INNER = frozenset({".txt", ".md", ".text", JSONL_SUFFIX})
 EXTRA_HINT = {"pyarrow": "pip install 'stackwise[parquet]'", "zstandard": "pip install 'stackwise[zstd]'"}
 
-_READ_SIZE = 1 << 18  # compressed bytes read at a time: bounds what one decompression call makes
+_READ_SIZE = 1 << 18  # bytes read at a time: bounds what one decompression call makes
+_HASH_READ = 1 << 20  # bytes read at a time when hashing a file
+# A document larger than this is cut into several (`cut_pieces`): `tokenizers` keeps about 125
+# bytes of offsets per byte of a document while encoding it, so one 100 MB text file read as one
+# document would need 12 GB, and 1 MiB documents cost 130 MB each per encoding thread. 256 KiB
+# (~60k tokens, several windows of any usual seq_len) keeps that near 30 MB per thread. Part of
+# every cache key (token_cache.cache_key).
+max_document_bytes = 1 << 18
 _PARQUET_BATCH_ROWS = 1024  # rows decoded at a time
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _REPLACEMENT_BYTES = "\ufffd".encode()
@@ -92,39 +102,47 @@ def folder_suffixes() -> str:
 
 
 @dataclass
-class FileText:
-    """What reading one text-bearing file gives."""
+class FileStats:
+    """What reading files has counted so far (filled in as records stream by)."""
 
-    records: list[tuple[str, str]]  # (text, source) per document, in file order
-    replacements: int  # invalid UTF-8 sequences (and lone surrogates) replaced by U+FFFD
-    digest: bytes  # blake2b-16 of the file's bytes as stored (compressed, for .gz/.zst)
-    size: int  # bytes as stored
+    replacements: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced
+
+    def add(self, path: Path, n: int) -> None:
+        if n:
+            self.replacements[str(path)] = self.replacements.get(str(path), 0) + n
 
 
-def read_text_file(path: Path, text_field: str) -> FileText:
-    """Every document of a text, JSON-lines or parquet file (plain or compressed)."""
+def iter_records(path: Path, text_field: str, stats: FileStats | None = None) -> Iterator[tuple[str, str]]:
+    """Every document of a text, JSON-lines or parquet file (plain or compressed), as (text,
+    source), read as a stream: memory holds one chunk of the file (and one document) at a time.
+    A text file larger than `max_document_bytes` is cut into several documents (`cut_pieces`).
+    Invalid UTF-8 is replaced and counted in `stats`."""
+    stats = stats if stats is not None else FileStats()
     fmt = file_format(path)
     if fmt.kind == "parquet":
-        return _read_parquet(path, text_field)
+        yield from _parquet_records(path, text_field, stats)
+        return
     if fmt.kind == "tokens":
         raise ValueError(f"{path} is a token file, not text")  # corpus.py never asks
-    if fmt.compression is None:
-        data = read_regular(path, "data.paths", _FIX)
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        if fmt.kind == "jsonl":
-            records, bad = _jsonl_records(_text_lines(data), path, text_field)
-        else:
-            records, bad = _text_records(data, path)
-        return FileText(records, bad, digest, len(data))
-    digest = hashlib.blake2b(digest_size=16)
     with open_regular(path, "data.paths", _FIX) as raw:
-        size = [0]
-        chunks = _decompressed(_raw_chunks(raw, digest, size, path), fmt.compression, path)
+        chunks = _raw_chunks(raw, path)
+        if fmt.compression is not None:
+            chunks = _decompressed(chunks, fmt.compression, path)
         if fmt.kind == "jsonl":
-            records, bad = _jsonl_records(_split_lines(chunks), path, text_field)
+            yield from _jsonl_records(_split_lines(chunks), path, text_field, stats)
         else:
-            records, bad = _text_records(b"".join(chunks), path)
-    return FileText(records, bad, digest.digest(), size[0])
+            yield from _text_records(chunks, path, stats)
+
+
+def file_digest(path: Path) -> tuple[bytes, int]:
+    """blake2b-16 of the file's bytes as stored (compressed, for .gz/.zst) and its size, read in
+    chunks: what the corpus fingerprint is made of."""
+    digest, size = hashlib.blake2b(digest_size=16), 0
+    with open_regular(path, "data.paths", _FIX) as raw:
+        for chunk in _raw_chunks(raw, path, _HASH_READ):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.digest(), size
 
 
 # ---- text and JSON lines --------------------------------------------------------------------
@@ -142,13 +160,61 @@ def decode_utf8(data: bytes, bom: bool = True) -> tuple[str, int]:
         return text, text.count("\ufffd") - data.count(_REPLACEMENT_BYTES)
 
 
-def _text_records(data: bytes, path: Path) -> tuple[list[tuple[str, str]], int]:
-    text, bad = decode_utf8(data)
-    return ([(text, str(path))] if text.strip() else []), bad
+def _text_records(chunks: Iterator[bytes], path: Path, stats: FileStats) -> Iterator[tuple[str, str]]:
+    cut = cut_pieces(chunks)
+    pieces = list(itertools.islice(cut, 2))  # a single piece is the whole file, named as before
+    if len(pieces) < 2:
+        for data in pieces:
+            text, bad = decode_utf8(data)
+            stats.add(path, bad)
+            if text.strip():
+                yield text, str(path)
+        return
+    for number, data in enumerate(itertools.chain(pieces, cut), start=1):
+        text, bad = decode_utf8(data, bom=number == 1)
+        stats.add(path, bad)
+        if text.strip():
+            yield text, f"{path}#{number}"
 
 
-def _text_lines(data: bytes) -> Iterator[bytes]:
-    yield from data.split(b"\n")  # UTF-8 never has 0x0A inside a character: same as splitting the text
+def cut_pieces(chunks: Iterator[bytes], cap: int | None = None) -> Iterator[bytes]:
+    """The bytes of a stream cut into documents of at most `cap` bytes (default
+    `max_document_bytes`): at the last blank line before the cap, else the last line end, else
+    the last UTF-8 character boundary. A stream no longer than the cap is one piece; joined, the
+    pieces give the stream back."""
+    cap = cap or max_document_bytes
+    pending = bytearray()
+    for chunk in chunks:
+        pending += chunk
+        while len(pending) > cap:
+            cut = _cut_point(pending, cap)
+            yield bytes(pending[:cut])
+            del pending[:cut]
+    if pending:
+        yield bytes(pending)
+
+
+def _cut_point(data: bytearray, cap: int) -> int:
+    """Where to end a document that may take `data[:cap]`: after a blank line, a line end, or
+    at a UTF-8 character boundary (never inside a character); always > 0."""
+    for separator in (b"\n\n", b"\n"):
+        at = data.rfind(separator, 0, cap)
+        if at > 0:
+            return at + len(separator)
+    cut = cap
+    while cut > 1 and (data[cut] & 0xC0) == 0x80:  # a continuation byte: back up to the character's start
+        cut -= 1
+    return cut
+
+
+def cut_text(text: str, source: str) -> Iterator[tuple[str, str]]:
+    """A document (a JSON line, a parquet row) cut like a text file when its UTF-8 exceeds
+    `max_document_bytes`; the pieces keep the source, numbered."""
+    if len(text) * 4 <= max_document_bytes or len(data := text.encode("utf-8")) <= max_document_bytes:
+        yield text, source
+        return
+    for number, piece in enumerate(cut_pieces(iter((data,))), start=1):
+        yield piece.decode("utf-8"), f"{source}#{number}"  # cut at character boundaries: valid
 
 
 def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -166,11 +232,11 @@ def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
     yield b"".join(pending)
 
 
-def _jsonl_records(lines: Iterator[bytes], path: Path, text_field: str) -> tuple[list[tuple[str, str]], int]:
-    records, bad = [], 0
+def _jsonl_records(lines: Iterator[bytes], path: Path, text_field: str, stats: FileStats
+                   ) -> Iterator[tuple[str, str]]:
     for number, raw in enumerate(lines, start=1):
         line, n = decode_utf8(raw, bom=number == 1)
-        bad += n
+        stats.add(path, n)
         if not line.strip():
             continue
         try:
@@ -193,10 +259,9 @@ def _jsonl_records(lines: Iterator[bytes], path: Path, text_field: str) -> tuple
         if _SURROGATE.search(value):
             # JSON may spell lone surrogates ("\ud800"); they cannot be encoded as UTF-8.
             value, n = _SURROGATE.subn("\ufffd", value)
-            bad += n
+            stats.add(path, n)
         if value.strip():
-            records.append((value, f"{path}:{number}"))
-    return records, bad
+            yield from cut_text(value, f"{path}:{number}")
 
 
 def _field_problem(path: Path, number: int, record: object, text_field: str) -> str:
@@ -212,17 +277,15 @@ def _field_problem(path: Path, number: int, record: object, text_field: str) -> 
 # ---- compression ----------------------------------------------------------------------------
 
 
-def _raw_chunks(raw: BinaryIO, digest: Any, size: list[int], path: Path) -> Iterator[bytes]:
-    """The file's bytes in chunks, each fed to `digest` and counted in `size[0]`."""
+def _raw_chunks(raw: BinaryIO, path: Path, size: int = _READ_SIZE) -> Iterator[bytes]:
+    """The file's bytes in chunks of `size`."""
     while True:
         try:
-            chunk = raw.read(_READ_SIZE)
+            chunk = raw.read(size)
         except OSError as err:
             raise DataError(f"data.paths: cannot read {path} ({err.strerror})", path) from None
         if not chunk:
             return
-        digest.update(chunk)
-        size[0] += len(chunk)
         yield chunk
 
 
@@ -277,16 +340,10 @@ def _ext(compression: str) -> str:
 # ---- parquet --------------------------------------------------------------------------------
 
 
-def _read_parquet(path: Path, text_field: str) -> FileText:
+def _parquet_records(path: Path, text_field: str, stats: FileStats) -> Iterator[tuple[str, str]]:
     pq = require("pyarrow.parquet", path, "parquet files")
     pa = require("pyarrow", path, "parquet files")
-    digest, size = hashlib.blake2b(digest_size=16), [0]
-    records: list[tuple[str, str]] = []
-    bad = 0
     with open_regular(path, "data.paths", _FIX) as f:
-        for _ in _raw_chunks(f, digest, size, path):
-            pass
-        f.seek(0)
         try:
             parquet = pq.ParquetFile(f)
             schema = parquet.schema_arrow
@@ -316,11 +373,10 @@ def _read_parquet(path: Path, text_field: str) -> FileText:
                 # As bytes: a value that is not valid UTF-8 is replaced and counted, as in text files.
                 for i, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
                     text, n = decode_utf8(value, bom=False)
-                    bad += n
+                    stats.add(path, n)
                     if text.strip():
-                        records.append((text, f"{path}:{row + i + 1}"))
+                        yield from cut_text(text, f"{path}:{row + i + 1}")
                 row += len(column)
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: cannot read row group data near row {row + 1} ({err}); the file is "
                             "damaged", path) from None
-    return FileText(records, bad, digest.digest(), size[0])

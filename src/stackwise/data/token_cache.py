@@ -1,4 +1,10 @@
-"""Tokenized corpora cached on disk as flat token arrays, so a second run starts at once.
+"""Pipeline stage 3, shards: tokenized corpora cached on disk as flat token arrays, so a second
+run (or every run after `stackwise prepare`) starts at once.
+
+An entry is built in one streaming pass over the corpus (stage 1 `documents` decides the split,
+stage 2 `tokens` encodes in batches and appends to the files as it goes) in a temporary folder
+that is renamed into place only when complete: a killed preparation leaves no entry that looks
+complete, only a temporary folder that the next build replaces.
 
 Layout: `<cache>/tokens/<key>/{train.bin, val.bin, meta.json, verified.json}`. Each `.bin` is the
 raw array of token ids (uint16 when the vocabulary fits, else uint32), every document followed by
@@ -29,26 +35,32 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from stackwise.data import formats
 from stackwise.data.cache import atomic_write_text, cache_error, ensure_writable, new_temp_dir, publish_dir
-from stackwise.data.corpus import SPLIT_RULE, Corpus, CorpusSplit, split_corpus
+from stackwise.data.corpus import SPLIT_RULE, Corpus, CorpusSource
+from stackwise.data.documents import DocumentPlan, plan_documents, split_documents
 from stackwise.data.errors import DataError
 from stackwise.data.files import read_regular
+from stackwise.data.progress import Progress
 from stackwise.data.token_files import TOKEN_SPLIT_RULE, open_token_file, write_token_splits
 from stackwise.data.tokenizer import Tokenizer
+from stackwise.data.tokens import TokenStream, encode_documents
 
 log = logging.getLogger(__name__)
 
 FORMAT = "stackwise-tokens-v2"  # v2: meta.json carries a checksum of each .bin
 CHECKSUM = "sha256"  # 1.3 GB/s here (SHA-NI), against 0.7 GB/s for blake2b
 STAMP_FILE = "verified.json"
-_CHUNK_DOCS = 512  # documents encoded per call: bounds memory while keeping tokenizers' threads busy
+OWNER_FILE = "owner.pid"  # in a temporary entry folder: the pid of the process writing it
+_ABANDONED_AFTER = 3600.0  # seconds after which a temporary folder without a readable owner is removed
 _HASH_CHUNK = 1 << 20  # bytes hashed per read when verifying a file
 _SPLITS = ("train", "val")
 
@@ -78,11 +90,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, text_field: str,
+def cache_key(corpus: CorpusSource | Corpus, tokenizer: Tokenizer, val_fraction: float, text_field: str,
               token_dtypes: Sequence[str] = ()) -> str:
     parts = [
         FORMAT,
         SPLIT_RULE,
+        str(formats.max_document_bytes),
         corpus.fingerprint,
         tokenizer.kind,
         tokenizer.identity,
@@ -94,47 +107,35 @@ def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, text_fi
     return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).hexdigest()
 
 
-def tokenize_documents(
-    tokenizer: Tokenizer, texts: Sequence[str], out: BinaryIO, dtype: np.dtype, digest: Any = None
-) -> int:
-    """Append the tokens of `texts` to `out`, each document followed by [EOS]; return the count.
-    `digest` (a hashlib object), if given, is fed the same bytes."""
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    total = 0
-    for start in range(0, len(texts), _CHUNK_DOCS):
-        parts = []
-        for ids in tokenizer.encode_arrays(texts[start : start + _CHUNK_DOCS]):
-            parts += [ids.astype(dtype, copy=False), eos]
-        chunk = np.concatenate(parts)
-        out.write(chunk.data)
-        if digest is not None:
-            digest.update(chunk.data)
-        total += chunk.size
-    return total
-
-
-def _new_digest() -> Any:
-    return hashlib.sha256()
+def as_source(corpus: CorpusSource | Corpus, text_field: str) -> CorpusSource:
+    """The streaming source of a corpus (an in-memory `Corpus` is streamed from its files again)."""
+    if isinstance(corpus, CorpusSource):
+        return corpus
+    return CorpusSource(corpus.name, corpus.files, corpus.fingerprint, text_field, corpus.token_files)
 
 
 def load_token_splits(
-    corpus: Corpus,
+    corpus: CorpusSource | Corpus,
     tokenizer: Tokenizer,
     *,
     val_fraction: float,
     text_field: str,
     cache_dir: Path,
-    split: CorpusSplit | None = None,
+    plan: DocumentPlan | None = None,
     bin_dtype: str = "auto",
+    progress: bool = True,
 ) -> TokenSplits:
-    """The cached token arrays of `corpus`, tokenizing (once) on a miss; a damaged entry is
-    rebuilt with a warning. A cache folder that cannot be written when an entry must be built is
-    a DataError naming it. `val_fraction` ≥ 1: every document in validation. `bin_dtype`: the
-    item size of `.bin` files whose name does not say (`data.bin_dtype`)."""
-    token_files = [open_token_file(Path(f), bin_dtype, tokenizer) for f in corpus.token_files]
-    key = cache_key(corpus, tokenizer, val_fraction, text_field, [f.dtype.name for f in token_files])
+    """The cached token arrays of `corpus`, prepared (once) on a miss; a damaged entry is rebuilt
+    with a warning. A cache folder that cannot be written when an entry must be built is a
+    DataError naming it. `val_fraction` ≥ 1: every document in validation. `plan`: the corpus's
+    document plan when the caller already made it (for the tokenizer's sample). `bin_dtype`: the
+    item size of `.bin` files whose name does not say (`data.bin_dtype`). `progress`: report
+    long stages on stderr (data.progress)."""
+    source = as_source(corpus, text_field)
+    token_files = [open_token_file(Path(f), bin_dtype, tokenizer) for f in source.token_files]
+    key = cache_key(source, tokenizer, val_fraction, text_field, [f.dtype.name for f in token_files])
     folder = cache_dir / "tokens" / key
-    cached, problem = _open(folder, key, corpus.name)
+    cached, problem = _open(folder, key, source.name)
     if cached is not None:
         return cached
     if problem is not None:
@@ -143,56 +144,64 @@ def load_token_splits(
                     else f"rebuilding the damaged token cache entry {folder.name} ({problem})")
     if problem is not None:
         shutil.rmtree(folder, ignore_errors=True)
-    if not token_files:
-        split = split or split_corpus(corpus, val_fraction)
-    _build(folder, key, corpus, tokenizer, split, val_fraction, text_field, token_files)
-    opened, problem = _open(folder, key, corpus.name)
+    if not token_files and plan is None:
+        plan = plan_documents(source, val_fraction, progress=progress)
+    _build(folder, key, source, tokenizer, plan, val_fraction, token_files, progress)
+    opened, problem = _open(folder, key, source.name)
     if opened is None:  # only if the folder vanished or was corrupted right after we wrote it
         raise DataError(f"token cache entry {folder} could not be read back after writing it ({problem})", folder)
     return opened
 
 
+def tokenize_documents(source: CorpusSource, plan: DocumentPlan, tokenizer: Tokenizer,
+                       streams: tuple[TokenStream, TokenStream], dtype: np.dtype, progress: bool) -> None:
+    """Stages 1→2: the documents as `plan` splits them, encoded into `streams`."""
+    encoding = Progress(f"encoding {source.name}", plan.train_bytes + plan.val_bytes) if progress else None
+    encode_documents(split_documents(source, plan), tokenizer, streams, dtype, encoding)
+    if encoding is not None:
+        encoding.finish()
+
+
 def _build(
     folder: Path,
     key: str,
-    corpus: Corpus,
+    source: CorpusSource,
     tokenizer: Tokenizer,
-    split: CorpusSplit | None,
+    plan: DocumentPlan | None,
     val_fraction: float,
-    text_field: str,
-    token_files: Sequence[Any] = (),
+    token_files: Sequence[Any],
+    progress: bool,
 ) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
+    _remove_abandoned(folder)
     try:
         tmp = new_temp_dir(folder)
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
     except OSError as err:
         raise cache_error(folder.parent, err, "writing the token cache") from None
     try:
-        counts, checksums = {}, {}
-        if split is not None:
-            n_docs, n_bytes, rule = [len(split.train), len(split.val)], [split.train_bytes, split.val_bytes], split.rule
-            for name, texts in (("train", split.train), ("val", split.val)):
-                digest = _new_digest()
-                with open(tmp / f"{name}.bin", "wb") as f:
-                    counts[name] = tokenize_documents(tokenizer, texts, f, dtype, digest)
-                    f.flush()
-                    os.fsync(f.fileno())
-                checksums[f"{name}.bin"] = digest.hexdigest()
-        else:
-            digests = [_new_digest(), _new_digest()]
-            with open(tmp / "train.bin", "wb") as train, open(tmp / "val.bin", "wb") as val:
-                made = write_token_splits(token_files, tokenizer, val_fraction, (train, val), digests, dtype)
-                for f in (train, val):
-                    f.flush()
-                    os.fsync(f.fileno())
-            counts = dict(zip(_SPLITS, made.tokens, strict=True))
-            checksums = {f"{name}.bin": d.hexdigest() for name, d in zip(_SPLITS, digests, strict=True)}
-            n_docs, n_bytes, rule = made.documents, made.bytes, made.rule
+        with open(tmp / "train.bin", "wb") as train, open(tmp / "val.bin", "wb") as val:
+            streams = (TokenStream(train), TokenStream(val))
+            if plan is not None:
+                tokenize_documents(source, plan, tokenizer, streams, dtype, progress)
+                n_docs = [plan.n_train_documents, plan.n_val_documents]
+                n_bytes, rule = [plan.train_bytes, plan.val_bytes], plan.rule
+            else:
+                made = write_token_splits(token_files, tokenizer, val_fraction, (train, val),
+                                          [s.digest for s in streams], dtype)
+                for stream, count in zip(streams, made.tokens, strict=True):
+                    stream.tokens = count
+                n_docs, n_bytes, rule = made.documents, made.bytes, made.rule
+            for f in (train, val):
+                f.flush()
+                os.fsync(f.fileno())
+        counts = dict(zip(_SPLITS, (s.tokens for s in streams), strict=True))
+        checksums = {f"{name}.bin": s.digest.hexdigest() for name, s in zip(_SPLITS, streams, strict=True)}
         meta = {
             "format": FORMAT,
             "key": key,
-            "corpus": corpus.name,
-            "files": list(corpus.files),
+            "corpus": source.name,
+            "files": list(source.files),
             "dtype": dtype.name,
             "tokenizer": {
                 "kind": tokenizer.kind,
@@ -200,7 +209,7 @@ def _build(
                 "vocab_size": tokenizer.vocab_size,
             },
             "val_fraction": val_fraction,
-            "text_field": text_field,
+            "text_field": source.text_field,
             "split_rule": rule,
             "n_train_docs": n_docs[0],
             "n_val_docs": n_docs[1],
@@ -214,14 +223,15 @@ def _build(
         if token_files:
             meta["token_files"] = [{"path": str(f.path), "dtype": f.dtype.name} for f in token_files]
         _write_durably(tmp / "meta.json", json.dumps(meta, indent=2))
-        if split is not None:  # token files: the bytes were counted from the ids themselves
-            _check_bytes(tmp, meta, tokenizer)
+        if plan is not None:  # token files: the bytes were counted from the ids themselves
+            _check_bytes(meta, streams, tokenizer)
         _stamp(tmp, meta)  # the hashes were taken from the bytes as written: no need to read them back
+        (tmp / OWNER_FILE).unlink()
         publish_dir(tmp, folder)
     except OSError as err:  # a full disk, or the folder made read-only under us
         shutil.rmtree(tmp, ignore_errors=True)
-        if split is not None:
-            need = (split.train_bytes + split.val_bytes + len(split.train) + len(split.val)) * dtype.itemsize
+        if plan is not None:
+            need = (plan.train_bytes + plan.val_bytes + plan.n_documents + 1) * dtype.itemsize
         else:
             need = sum(len(f.tokens) for f in token_files) * dtype.itemsize
         raise cache_error(folder.parent, err, f"writing the token cache entry {folder.name} "
@@ -231,6 +241,22 @@ def _build(
         raise
 
 
+def _remove_abandoned(folder: Path) -> None:
+    """Delete the temporary folders that killed preparations of this entry left behind (their
+    owner process is gone): a killed 1 GB preparation must not hold its gigabytes forever."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        try:
+            owner = int((tmp / OWNER_FILE).read_text())
+            os.kill(owner, 0)
+            continue  # still being written by a live process
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            if time.time() - tmp.stat().st_mtime < _ABANDONED_AFTER:
+                continue  # no readable owner yet: a build that has just started
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _write_durably(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -238,18 +264,16 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _check_bytes(folder: Path, meta: dict, tokenizer: Tokenizer) -> None:
+def _check_bytes(meta: dict, streams: tuple[TokenStream, TokenStream], tokenizer: Tokenizer) -> None:
     # Bits per byte counts bytes through token_byte_lengths; say so if that disagrees with the text.
-    for name in ("train", "val"):
-        tokens = np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r") if meta[f"n_{name}_tokens"] else []
-        counted = stream_bytes(tokenizer, tokens)
-        if counted != meta[f"{name}_bytes"] and tokenizer.kind != "dummy":
+    for name, stream in zip(_SPLITS, streams, strict=True):
+        if stream.decoded_bytes != meta[f"{name}_bytes"] and tokenizer.kind != "dummy":
             log.warning(
                 "%s: %s tokens decode to %d bytes but the text has %d; bits per byte will be off by that ratio "
                 "(does the tokenizer normalize or add prefix spaces?)",
                 meta["corpus"],
                 name,
-                counted,
+                stream.decoded_bytes,
                 meta[f"{name}_bytes"],
             )
 
@@ -275,7 +299,7 @@ def _identity(st: os.stat_result) -> list[int]:
 
 def file_checksum(path: Path) -> str:
     """sha256 of the file, read in 1 MiB chunks (the file must be a regular file)."""
-    digest = _new_digest()
+    digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buffer = bytearray(_HASH_CHUNK)
         view = memoryview(buffer)

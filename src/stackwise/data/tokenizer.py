@@ -20,7 +20,7 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,8 +224,9 @@ class BPETokenizer(Tokenizer):
             )
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int) -> BPETokenizer:
-        """Train on `texts` (documents); the vocabulary includes the 256 bytes and the 3 specials."""
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Train on `texts` (documents, consumed once as a stream: the trainer keeps word counts,
+        not the text); the vocabulary includes the 256 bytes and the 3 specials."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -273,7 +274,8 @@ class BPETokenizer(Tokenizer):
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [
             np.asarray(e.ids, dtype=np.int64)
-            for e in self.hf.encode_batch(list(texts), add_special_tokens=False)
+            # encode_batch_fast: no character offsets (never used here), on all cores like encode_batch.
+            for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
         ]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -387,7 +389,7 @@ class SentencePieceTokenizer(BPETokenizer):
         return self._encoder.encode(self._prepared(text), add_special_tokens=False).ids
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encoded = self._encoder.encode_batch([self._prepared(t) for t in texts], add_special_tokens=False)
+        encoded = self._encoder.encode_batch_fast([self._prepared(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids if t else [], dtype=np.int64) for t, e in zip(texts, encoded, strict=True)]
 
     @cached_property
@@ -636,8 +638,9 @@ def build_tokenizer(
     save_dir: str | os.PathLike[str] | None = None,
 ) -> Tokenizer:
     """The run's tokenizer: loaded from `data.tokenizer.path`, the byte tokenizer, or a BPE trained
-    on `train_texts` (the training split only) and cached so the next run does not retrain.
-    With `save_dir`, its `tokenizer.json` is written there too.
+    on `train_texts` (the training split only, in memory) and cached so the next run does not
+    retrain. With `save_dir`, its `tokenizer.json` is written there too. Corpora too large for
+    memory go through `stackwise.data.pipeline`, which trains on a streamed sample (`cached_bpe`).
     """
     settings = data_config.tokenizer
     if settings.path:
@@ -645,16 +648,16 @@ def build_tokenizer(
     elif settings.kind == "byte":
         tokenizer = ByteTokenizer()
     else:
-        tokenizer = _cached_bpe(
-            train_texts, settings.vocab_size, resolve_cache_dir(cache_dir or data_config.cache_dir)
-        )
+        tokenizer = cached_bpe(settings.vocab_size, bpe_cache_key(train_texts, settings.vocab_size),
+                               lambda: train_texts, resolve_cache_dir(cache_dir or data_config.cache_dir))
     if save_dir is not None:
         tokenizer.save(save_dir)
     return tokenizer
 
 
-def _cached_bpe(train_texts: Sequence[str], vocab_size: int, cache_dir: Path) -> BPETokenizer:
-    key = bpe_cache_key(train_texts, vocab_size)
+def cached_bpe(vocab_size: int, key: str, texts: Callable[[], Iterable[str]], cache_dir: Path) -> BPETokenizer:
+    """The BPE tokenizer cached under `key` (everything it depends on, hashed), trained on
+    `texts()` (a stream) on a miss."""
     path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{key[:24]}.json"
     if path.is_file():
         try:
@@ -662,7 +665,7 @@ def _cached_bpe(train_texts: Sequence[str], vocab_size: int, cache_dir: Path) ->
         except DataError as err:  # a damaged cache entry is rebuilt, not fatal
             log.warning("ignoring damaged cached tokenizer: %s", err)
     ensure_writable(path.parent, "saving the trained BPE tokenizer")  # before training, not after
-    tokenizer = BPETokenizer.train(train_texts, vocab_size)
+    tokenizer = BPETokenizer.train(texts(), vocab_size)
     if tokenizer.vocab_size < vocab_size:
         log.info(
             "BPE stopped at %d tokens (asked for %d): the training text has no more frequent pairs",

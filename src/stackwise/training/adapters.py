@@ -4,25 +4,33 @@
   with a BatchSpec): configures it per phase, hands out the batch of a step.
 - `ModelAdapter` wraps a `StackWiseModel`: applies a phase's model plane (growth, roles).
 - `OptimizerAdapter` owns the optimizer: rebuilds it over the trainable parameters at each phase,
-  carrying state over by parameter name, and sets the learning rate at local time τ.
+  carrying state over by parameter name, and sets the learning rate at each step's t (a phase's
+  shape at its local time τ, a run-wide shape at t; docs/schedule.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from stackwise.config import OptimizerConfig, StackWiseConfig, value_at
+from stackwise.config import OptimizerConfig, StackWiseConfig
 from stackwise.data.batch import Batch
 from stackwise.data.errors import DataError
 from stackwise.model import StackWiseModel
 from stackwise.specs import BatchSpec, ModelSpec, OptimizerSpec
 from stackwise.training.loader import ProgressiveDataLoader
 from stackwise.training.optimizer import build_optimizer, optimizer_spec, set_lr
-from stackwise.training.progressive import apply_model_phase
-from stackwise.training.schedule import Phase, resolve_data, resolve_optimizer
+from stackwise.training.progressive import apply_model_phase, stack_parameter_names
+from stackwise.training.schedule import (
+    Phase,
+    data_orders,
+    new_params_warmup,
+    phase_lr,
+    resolve_data,
+    resolve_optimizer,
+)
 from stackwise.training.user_data import UserData
 
 
@@ -34,6 +42,9 @@ class DataAdapter:
     DataLoader / IterableDataset / generator of token-id batches (training/user_data.py,
     docs/data.md "Your own data"); `user_options` (val_data, tokenizer, mask_id, on_resume) go to
     `UserData`. `batch(step, tau)` hands out a step's `Batch` either way.
+    `total_steps` (the run's length; the machine gives it): phases on the same corpus continue one
+    window order with a run-wide sample counter (`schedule.data_orders`); without it each phase
+    draws its own order from its start.
     """
 
     def __init__(
@@ -42,6 +53,8 @@ class DataAdapter:
         config: StackWiseConfig | BatchSpec | None = None,
         rank: int = 0,
         world_size: int = 1,
+        *,
+        total_steps: int | None = None,
         **user_options: Any,
     ):
         spec = config if isinstance(config, BatchSpec) else None
@@ -62,6 +75,9 @@ class DataAdapter:
         self.rank, self.world_size = rank, world_size  # a distributed run: this rank's slice of each batch
         self.phase_start_step = 0
         self.settings: dict[str, Any] = {}
+        # Your own data is one stream read in order: only the built-in loader draws window orders.
+        use_orders = total_steps is not None and isinstance(loader, ProgressiveDataLoader)
+        self._orders = data_orders(self.config, total_steps) if use_orders else None
 
     @property
     def vocab_size(self) -> int:
@@ -94,6 +110,9 @@ class DataAdapter:
         """Configure the stream for a phase (a new corpus keeps the run's tokenizer). Ramps stay
         ramps: the loader evaluates them at each step's τ."""
         self.settings = {**resolve_data(self.config, phase, tau=None), "phase_index": phase_index}
+        if self._orders is not None:
+            order, offset = self._orders[phase_index]
+            self.settings.update(order=order, order_offset=offset)
         if self.user is not None and (phase.data.paths is not None or phase.data.text_field is not None):
             raise DataError(f"phase {phase.name!r} names a corpus (data_config.paths/text_field), but the run trains "
                             "on your own data (data=...): one stream feeds every phase; drop those keys")
@@ -177,11 +196,13 @@ class ModelAdapter:
         self.model = model
         self.config = config
         self.trunk_version = 0  # bumped by any change below the trainable stacks (invalidates caches)
+        self.new_parameters: set[str] = set()  # names of the parameters the last phase entered added
 
     def enter_phase(self, phase: Phase, phase_index: int) -> bool:
         """Grow and set roles for a phase. Returns True when structure or roles changed."""
         before = self.model.to_spec()
-        apply_model_phase(self.model, phase.model, phase_index, self.config)
+        added = apply_model_phase(self.model, phase.model, phase_index, self.config)
+        self.new_parameters = stack_parameter_names(self.model, added)
         after = self.model.to_spec()
         changed = before != after
         if changed:
@@ -198,19 +219,25 @@ class OptimizerAdapter:
     def __init__(self, config: OptimizerConfig):
         self.base = config
         self.cfg = config
+        self.phase: Phase | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def enter_phase(self, model: torch.nn.Module, phase: Phase) -> torch.optim.Optimizer:
-        self.cfg = resolve_optimizer(self.base, phase)
-        self.optimizer = build_optimizer(model, self.cfg, previous=self.optimizer)
+    def enter_phase(self, model: torch.nn.Module, phase: Phase, new_parameters: Collection[str] = ()) -> torch.optim.Optimizer:
+        """Rebuild for `phase`; `new_parameters` (names) are those the phase added, which warm up
+        on their own when the phase sets `warmup_new`."""
+        self.cfg, self.phase = resolve_optimizer(self.base, phase), phase
+        self.optimizer = build_optimizer(model, self.cfg, previous=self.optimizer, lr=phase_lr(self.cfg, phase, phase.start_t),
+                                         new=new_parameters)
         return self.optimizer
 
-    def lr_at(self, tau: float) -> float:
-        return value_at(self.cfg.lr, tau)
+    def lr_at(self, t: float) -> float:
+        """The base lr at run time t in the current phase (before lr_scale and new-parameter warmup)."""
+        return phase_lr(self.cfg, self.phase, t)
 
-    def set_lr(self, tau: float) -> float:
-        lr = self.lr_at(tau)
-        set_lr(self.optimizer, lr)
+    def set_lr(self, t: float) -> float:
+        """Set every group's lr for the step at run time t; returns the base lr (what is logged)."""
+        lr = self.lr_at(t)
+        set_lr(self.optimizer, lr, new_factor=new_params_warmup(self.cfg, self.phase, t))
         return lr
 
     def spec(self) -> OptimizerSpec:

@@ -132,6 +132,8 @@ def check_state(state: Any, meta: Mapping[str, Any], sharded: bool) -> None:
         raise SchemaError(f"losses: expected at most {step} floats (one per step run), got {_show(losses)}")
     _int(state, "tokens_seen", "", low=0)
     _number(state, "wall", "", low=0)
+    if "flops" in state:  # training FLOPs so far; older checkpoints lack it
+        _int(state, "flops", "", low=0)
     _int(state, "metrics_lines", "", low=0)
     for i, tr in enumerate(_typed(state, "transitions", "", list)):
         if not isinstance(tr, dict) or set(tr) != set(_TRANSITION_KEYS) or \

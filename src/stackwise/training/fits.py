@@ -216,18 +216,44 @@ def phase_memory(config: StackWiseConfig, model: Any, phase: Any, data: dict[str
                  device: str, windows: Any, world_size: int = 1) -> MemoryEstimate:
     """The planner's estimate of one phase's peak on `device` (per rank: each of `world_size`
     data-parallel ranks takes its slice of the batch)."""
-    from stackwise.training.cache import cache_off_reason
-
     autocast = device.startswith("cuda") and config.run.precision in ("auto", "bf16")
-    cache_on = cache_off_reason(config.run.activation_cache, first_trainable_stack(model),
-                                data["objective"], data["mask_rate"]) is None
     return estimate_phase(
         model,
         batch_size=max(1, data["batch_size"] // world_size), seq_len=data["seq_len"], objective=data["objective"],
         mask_fraction=mask_fraction(data), optimizer_type=optimizer.optimizer_type, momentum=optimizer.momentum,
         grad_accum_steps=config.training.grad_accum_steps, device="cuda" if device.startswith("cuda") else device,
-        autocast_bf16=autocast, cache_windows=windows(data["seq_len"]) if (cache_on and windows) else 0,
+        autocast_bf16=autocast, cache_windows=_cache_rows(config, model, phase, data, windows, world_size),
     )
+
+
+def _cache_rows(config: StackWiseConfig, model: Any, phase: Any, data: dict[str, Any], windows: Any,
+                world_size: int) -> int:
+    """The rows a phase's activation cache holds in RAM per rank (0 when the phase does not cache,
+    e.g. when it draws under one epoch): what the phase can fill, not the corpus size."""
+    from stackwise.time_units import step_at
+    from stackwise.training.cache import cache_decision, cache_off_reason
+    from stackwise.training.memory import cache_resident_rows
+    from stackwise.training.schedule import PhaseSchedule, data_orders
+
+    if not windows:
+        return 0
+    n_windows, total = windows(data["seq_len"]), config.training.total_steps
+    first = first_trainable_stack(model)
+    if not total:  # the run length, hence the phase's draws, unknown: the whole corpus where valid
+        valid = cache_off_reason(config.run.activation_cache, first, data["objective"], data["mask_rate"]) is None
+        return cache_resident_rows(None, n_windows if valid else 0, data["seq_len"], model.cfg.d_model,
+                                   config.run.cache_ram_mb)
+    draws = (step_at(phase.end_t, total) - step_at(phase.start_t, total)) * data["batch_size"]
+    # Where in the window order the phase starts: it continues what earlier phases on the same
+    # corpus drew (schedule.data_orders), as the machine decides at the phase's start.
+    names = [p.name for p in PhaseSchedule.from_config(config, total)]
+    offset = data_orders(config, total)[names.index(phase.name)][1] if phase.name in names else 0
+    decision = cache_decision(config.run.activation_cache, first, data["objective"], data["mask_rate"],
+                              phase=phase.name, draws=draws, n_windows=n_windows, offset_in_epoch=offset)
+    if not decision.on:
+        return 0
+    mine = -(-draws // world_size)  # each rank keeps the samples it draws
+    return cache_resident_rows(mine, n_windows, data["seq_len"], model.cfg.d_model, config.run.cache_ram_mb)
 
 
 def _world_size() -> int:

@@ -55,6 +55,7 @@ from stackwise.training.extend import extended_config
 from stackwise.training.factories import build_model
 from stackwise.training.finite import nonfinite_tensors
 from stackwise.training.history import Changes, compare, refusal
+from stackwise.training.loader import ProgressiveDataLoader
 from stackwise.training.logger import MetricsLogger
 from stackwise.training.optimizer import (
     load_state_by_name,
@@ -120,6 +121,7 @@ class Lifecycle:
             "tokens_seen": m.tokens_seen,
             "wall": m._wall,
             "transitions": [asdict(tr) for tr in m.transitions],
+            **({"flops": m.flops.total} if m.flops.total is not None else {}),  # training FLOPs so far (exact)
             "last_eval": dict(m.last_eval),
             "metrics_lines": m.log.lines + 1,  # this checkpoint's own record included
         }
@@ -363,7 +365,7 @@ class Lifecycle:
             start_step = m.schedule.step_ranges(m.total_steps)[index][0]
             m.data.enter_phase(m.schedule.phases[index], index, start_step)
             m._wrap()
-            m.optim.enter_phase(m.model, m.schedule.phases[index])
+            m.optim.enter_phase(m.model, m.schedule.phases[index], m.model_plane.new_parameters)
             if optimizer_param_names(m.optim.optimizer) != state["optimizer_names"]:
                 raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
             if ckpt.sharded:
@@ -383,6 +385,7 @@ class Lifecycle:
         m.losses = state["losses"].tolist()
         m.tokens_seen = state["tokens_seen"]
         m._wall = state["wall"]
+        m.flops.total = state.get("flops")  # absent from checkpoints made before FLOPs were counted
         m.transitions = [Transition(**tr) for tr in state["transitions"]]
         m.last_eval = dict(state["last_eval"])
         m._saved_step = m.step
@@ -478,7 +481,9 @@ def evaluation_machine(cls: type[TrainingMachine], run_dir: Path, checkpoint: An
                        ) -> TrainingMachine:
     """`TrainingMachine.for_evaluation`: reads the run, takes no lock and writes nothing."""
     config = with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
-    machine = cls(config, run_dir=False, console=False, restoring=True)
+    # The run's tokenizer and weights are all generation needs: no corpus is read until a batch
+    # is asked for (scoring reads the corpus it scores, and only that one).
+    machine = cls(config, run_dir=False, console=False, restoring=True, data=ProgressiveDataLoader(config, prepare=False))
     life = machine.lifecycle
     if checkpoint is not None:
         life.restore(load_checkpoint(checkpoint))

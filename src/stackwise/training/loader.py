@@ -3,8 +3,11 @@
 A batch is a pure function of (training.seed, phase index, step, phase settings): there is no
 iterator state, so after a resume any step's batch is regenerated exactly. The training split is
 cut into fixed, non-overlapping windows of seq_len+1 tokens (sample id = window index); each
-(seed, phase, epoch) has its own seeded permutation of the windows, and the i-th sample of step s
-is window `perm[g % n_windows]` with `g = (s - phase_start_step) · batch_size + i`.
+(seed, order, epoch) has its own seeded permutation of the windows, and the i-th sample of step s
+is window `perm[g % n_windows]` of epoch `g // n_windows`, with
+`g = order_offset + (s - phase_start_step) · batch_size + i`. The machine gives phases on the same
+corpus one order and a run-wide sample counter (`schedule.data_orders`), so no window repeats
+before an epoch ends across a phase boundary; by default a phase has its own order (its index).
 
 `configure(validation="all")` makes every document of the corpus validation (no training split):
 what scoring a whole file (`stackwise eval RUN --data FILE`) needs.
@@ -24,12 +27,13 @@ import torch
 from stackwise.config import Ramp, StackWiseConfig, value_at
 from stackwise.data.batch import Batch
 from stackwise.data.cache import check_cache_dir, resolve_cache_dir
-from stackwise.data.corpus import Corpus, describe, load_corpus, split_corpus
+from stackwise.data.corpus import CorpusSource, describe, open_corpus
 from stackwise.data.dummy import dummy_token_splits
 from stackwise.data.errors import DataError
 from stackwise.data.objectives import ATTENTION_MODE, clm, diffusion, mlm, stable_seed
-from stackwise.data.token_cache import TokenSplits, load_token_splits
-from stackwise.data.tokenizer import DummyTokenizer, Tokenizer, build_tokenizer, check_vocab
+from stackwise.data.pipeline import corpus_tokenizer, prepare_tokens
+from stackwise.data.token_cache import TokenSplits
+from stackwise.data.tokenizer import DummyTokenizer, Tokenizer, check_vocab
 from stackwise.training.schedule import data_settings
 
 if TYPE_CHECKING:
@@ -53,6 +57,8 @@ class DataSettings:
     paths: tuple[str, ...]
     text_field: str
     validation: str = "split"  # "split": the corpus's validation split; "all": every document
+    order: int | None = None  # the window order drawn from (None: the phase's own, phase_index)
+    order_offset: int = 0  # samples of that order drawn before this phase's first step
 
     @property
     def attention_mode(self) -> str:
@@ -67,8 +73,12 @@ class ProgressiveDataLoader:
         config: StackWiseConfig | Mapping[str, Any] | str | os.PathLike[str],
         *,
         run_dir: str | os.PathLike[str] | None = None,
+        prepare: bool = True,
     ):
+        """`prepare=False`: read no corpus until a batch or a count needs one (generation and
+        scoring another file need only the run's tokenizer: data.tokenizer.path)."""
         self.config = StackWiseConfig.load(config)
+        self._prepare = prepare
         data = self.config.data
         self.seed = self.config.training.seed
         self.cache_dir = resolve_cache_dir(data.cache_dir)
@@ -80,27 +90,25 @@ class ProgressiveDataLoader:
             self.tokenizer: Tokenizer = DummyTokenizer(self.config.model.vocab_size or 512)
             self._streams[base] = dummy_token_splits(self.tokenizer)
         else:
-            corpus = load_corpus(data.paths, data.text_field, data.include)
-            self._require_tokenizer_file(corpus)
-            split = None if corpus.token_files else split_corpus(corpus, data.val_fraction)
-            self.tokenizer = build_tokenizer(data, split.train if split else (), self.cache_dir)
+            # Stages documents → tokens → shards (stackwise.data.pipeline); this loader serves windows.
+            trains_bpe = data.tokenizer.kind == "bpe" and not data.tokenizer.path
+            source = self._source(base[0], base[1]) if prepare or trains_bpe else None
+            made = corpus_tokenizer(source, kind=data.tokenizer.kind, vocab_size=data.tokenizer.vocab_size,
+                                    path=data.tokenizer.path, train_bytes=data.tokenizer.train_bytes,
+                                    val_fraction=data.val_fraction, cache_dir=self.cache_dir)
+            self.tokenizer = made.tokenizer
             check_vocab(self.config.model.vocab_size, self.tokenizer.vocab_size)
-            self._streams[base] = load_token_splits(
-                corpus,
-                self.tokenizer,
-                val_fraction=data.val_fraction,
-                text_field=data.text_field,
-                cache_dir=self.cache_dir,
-                split=split,
-                bin_dtype=data.bin_dtype,
-            )
+            if prepare:
+                self._streams[base] = prepare_tokens(source, self.tokenizer, val_fraction=data.val_fraction,
+                                                     cache_dir=self.cache_dir, bin_dtype=data.bin_dtype, plan=made.plan)
         if run_dir is not None:
             self.tokenizer.save(run_dir)
         self._byte_lengths = torch.from_numpy(self.tokenizer.token_byte_lengths)
         prefix = self.tokenizer.dummy_prefix_bytes
         self._prefix_bytes = None if prefix is None else torch.from_numpy(prefix)
         self._regular_ids = torch.from_numpy(self.tokenizer.regular_ids)
-        self._check_schedule()
+        if prepare:
+            self._check_schedule()
         self.configure()
 
     # ---- settings ---------------------------------------------------------------------------
@@ -125,10 +133,14 @@ class ProgressiveDataLoader:
         paths: Sequence[str] | None = None,
         text_field: str | None = None,
         validation: str | None = None,
+        order: int | None = None,
+        order_offset: int = 0,
     ) -> DataSettings:
         """Set the data settings of a phase; anything not given comes from the base config.
         `validation="all"`: every document of the corpus is validation (to score a whole corpus;
-        there are then no training batches)."""
+        there are then no training batches). `order` / `order_offset`: continue the window order
+        `order` after its first `order_offset` samples (phases sharing a corpus; default: the
+        phase's own order from its start)."""
         data, training = self.config.data, self.config.training
         settings = DataSettings(
             phase_index=phase_index,
@@ -140,6 +152,8 @@ class ProgressiveDataLoader:
             paths=tuple(paths) if paths is not None else tuple(data.paths),
             text_field=text_field if text_field is not None else data.text_field,
             validation=validation if validation is not None else "split",
+            order=order,
+            order_offset=order_offset,
         )
         if settings.objective not in ATTENTION_MODE:
             raise ValueError(
@@ -147,10 +161,21 @@ class ProgressiveDataLoader:
             )
         if settings.validation not in ("split", "all"):
             raise ValueError(f"validation must be 'split' or 'all', got {settings.validation!r}")
-        stream = self._stream(settings.paths, settings.text_field, settings.validation)
-        _check_size(stream, settings.seq_len, with_train=settings.validation == "split")
-        self._settings, self._tokens = settings, stream
+        self._settings, self._prepared = settings, None
+        if self._prepare:
+            self._prepare_tokens()  # read (or map) the corpus and check its size now, not at the first batch
         return settings
+
+    @property
+    def _tokens(self) -> TokenSplits:
+        return self._prepared if self._prepared is not None else self._prepare_tokens()
+
+    def _prepare_tokens(self) -> TokenSplits:
+        s = self._settings
+        stream = self._stream(s.paths, s.text_field, s.validation)
+        _check_size(stream, s.seq_len, with_train=s.validation == "split")
+        self._prepared = stream
+        return stream
 
     def get_batch_spec(self, tau: float = 0.0) -> BatchSpec:
         from stackwise.specs import BatchSpec
@@ -205,11 +230,13 @@ class ProgressiveDataLoader:
         if n == 0:
             raise DataError(f"{self._tokens.name}: no training split (every document is validation); "
                             "configure(validation='split') to train", self._tokens.name)
-        g = (step - phase_start_step) * s.batch_size + rank * rows + np.arange(rows)
+        # g: this row's place in the order (a run-wide sample counter when phases share it).
+        g = s.order_offset + (step - phase_start_step) * s.batch_size + rank * rows + np.arange(rows)
+        order = s.phase_index if s.order is None else s.order
         window_ids = np.empty(rows, dtype=np.int64)
         for epoch in np.unique(g // n):
             here = g // n == epoch
-            window_ids[here] = _permutation(self.seed, s.phase_index, int(epoch), n)[g[here] % n]
+            window_ids[here] = _permutation(self.seed, order, int(epoch), n)[g[here] % n]
         return self._make_batch(
             self._tokens.train, window_ids, value_at(s.mask_rate, tau), self.seed, s.phase_index
         )
@@ -340,7 +367,7 @@ class ProgressiveDataLoader:
     # ---- corpora ----------------------------------------------------------------------------
 
     def _stream(self, paths: tuple[str, ...], text_field: str, validation: str = "split") -> TokenSplits:
-        """Token streams of a corpus, tokenized with the run's tokenizer (loaded once per run)."""
+        """Token streams of a corpus, tokenized with the run's tokenizer (prepared once per run)."""
         key = (paths, text_field, validation)
         if key not in self._streams:
             if isinstance(self.tokenizer, DummyTokenizer):
@@ -348,26 +375,27 @@ class ProgressiveDataLoader:
                     f"data.use_dummy_data is true, but a phase asks for the corpus {describe(list(paths)) or 'built-in'}; "
                     "drop the phase's data_config.paths or set data.use_dummy_data: false"
                 )
-            corpus = load_corpus(paths, text_field, self.config.data.include)
-            self._require_tokenizer_file(corpus)
-            self._streams[key] = load_token_splits(
-                corpus,
-                self.tokenizer,
-                val_fraction=1.0 if validation == "all" else self.config.data.val_fraction,
-                text_field=text_field,
-                cache_dir=self.cache_dir,
-                bin_dtype=self.config.data.bin_dtype,
+            data = self.config.data
+            self._streams[key] = prepare_tokens(
+                self._source(paths, text_field), self.tokenizer, cache_dir=self.cache_dir, bin_dtype=data.bin_dtype,
+                val_fraction=1.0 if validation == "all" else data.val_fraction,
             )
         return self._streams[key]
 
-    def _require_tokenizer_file(self, corpus: Corpus) -> None:
-        """Token files hold ids of one tokenizer: the run must load it, never train its own."""
-        if corpus.token_files and not self.config.data.tokenizer.path:
+    def prepared_streams(self) -> list[TokenSplits]:
+        """The token streams prepared so far (the base corpus and each phase's), in order."""
+        return list(self._streams.values())
+
+    def _source(self, paths: tuple[str, ...], text_field: str) -> CorpusSource:
+        source = open_corpus(paths, text_field, self.config.data.include)
+        if source.token_files and not self.config.data.tokenizer.path:
+            # Token files hold ids of one tokenizer: the run must load it, never train its own.
             raise DataError(
-                f"{corpus.name}: token files (.bin) need the tokenizer that wrote them: set data.tokenizer.path "
+                f"{source.name}: token files (.bin) need the tokenizer that wrote them: set data.tokenizer.path "
                 "to its tokenizer.json (for nanoGPT's GPT-2 files, GPT-2's tokenizer.json)",
-                corpus.token_files[0],
+                source.token_files[0],
             )
+        return source
 
     def _check_schedule(self) -> None:
         # Fail at construction, not hours into a run, if a later phase's corpus or seq_len cannot work.
@@ -397,6 +425,8 @@ def _check_size(stream: TokenSplits, seq_len: int, with_train: bool = True) -> N
 
 
 @lru_cache(maxsize=8)
-def _permutation(seed: int, phase: int, epoch: int, n: int) -> np.ndarray:
-    """The window order of one epoch of one phase (cached: consecutive steps share it)."""
-    return np.random.default_rng(stable_seed("permutation", seed, phase, epoch, n)).permutation(n)
+def _permutation(seed: int, order: int, epoch: int, n: int) -> np.ndarray:
+    """The window order of one epoch of one order (cached: consecutive steps share it). An order
+    is named by the index of the first phase that draws from it, so a run's first phase draws
+    the permutations it always has."""
+    return np.random.default_rng(stable_seed("permutation", seed, order, epoch, n)).permutation(n)

@@ -105,11 +105,13 @@ class MetricsLogger:
             self._bar.n = done
             self._bar.set_postfix_str(
                 f"{fields.get('phase', '')} loss {fields.get('loss', float('nan')):.4f}"
+                + (f" MFU {fields['mfu']:.1%}" if "mfu" in fields else "")
             )
         elif self.console:
+            mfu = f"  MFU {fields['mfu']:.1%}" if "mfu" in fields else ""  # CUDA, a GPU of the peak table
             self.say(
                 f"step {done:>6}/{self.total_steps}  t={fields['t']:.3f}  {fields.get('phase', '')}  "
-                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  {fields.get('tokens_per_s', 0):,.0f} tok/s"
+                f"loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  {fields.get('tokens_per_s', 0):,.0f} tok/s{mfu}"
             )
 
     def describe(self, extra: list[str] | None = None) -> str:

@@ -1,7 +1,8 @@
 """The TrainingMachine: the one engine that runs every kind of run along normalized time t ∈ [0, 1].
 
 Each step: find the phase of t (entering it if it is new: DESIGN.md section 5), set the learning
-rate at the phase's local time τ, take the batch of this step (a pure function of seed and step),
+rate (a phase's shape at its local time τ, a run-wide shape at t), take the batch of this step (a
+pure function of seed and step; phases on one corpus continue one window order),
 forward / backward / update, log, evaluate and checkpoint when due, advance time.
 
 A phase transition, in order: log it and checkpoint (the state at the end of the old phase);
@@ -31,13 +32,14 @@ from stackwise.model.lora import flatten_state, load_flat_state
 from stackwise.specs import validate_training_state
 from stackwise.training import distributed
 from stackwise.training.adapters import DataAdapter, ModelAdapter, OptimizerAdapter
-from stackwise.training.cache import TrunkCache, cache_off_reason
+from stackwise.training.cache import CacheDecision, TrunkCache, cache_decision
 from stackwise.training.callbacks import Callback, Events, RunView, build_callbacks, frozen
 from stackwise.training.checkpoint import CheckpointManager
 from stackwise.training.errors import TrainingError
 from stackwise.training.factories import build_data_loader, build_model
 from stackwise.training.finite import UpdateUndo, group_params_finite
 from stackwise.training.fits import check_fits
+from stackwise.training.flops import FlopsMeter, peak_flops
 from stackwise.training.forward import LossForward
 from stackwise.training.init_from import (
     find_source,
@@ -181,7 +183,8 @@ class TrainingMachine:
         # `data`: a ready loader, or your own iterable of token-id batches (training/user_data.py).
         loader = build_data_loader(data if data is not None else self.config, val_data=val_data,
                                    run_dir=self.run_dir if keep_tokenizer else None)
-        self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size)
+        # total_steps: phases on one corpus continue one window order (schedule.data_orders).
+        self.data = DataAdapter(loader, self.config, self.dist.rank, self.dist.world_size, total_steps=self.total_steps)
         self.model_plane = ModelAdapter(build_model(model or self.config, vocab_size=loader.vocab_size), self.config)
         self._initial_optimizer_state: dict[str, Any] = {}
         started_from = None
@@ -202,6 +205,10 @@ class TrainingMachine:
         # Metrics and console lines come from rank 0 alone; a resume opens metrics.jsonl once checked.
         self.log = MetricsLogger(self.run_dir if self.dist.is_main and not resuming else None, self.total_steps,
                                  console=console and self.dist.is_main)
+        self._peak_flops = peak_flops(self.device, self.autocast_dtype)  # for MFU (CUDA, a GPU the table knows)
+        if self.device.type == "cuda" and self._peak_flops is None:
+            self.log.say(f"MFU: the peak FLOP/s of {torch.cuda.get_device_name(self.device)} is not in the table "
+                         "(docs/training.md, \"Compute (FLOPs)\"): no MFU is shown")
         if started_from is not None:  # model.init_from: what was loaded, added and brought along
             self.log.record("init_from", step=0, **{k: v for k, v in started_from.items() if k != "message"})
             self.log.say(started_from["message"])
@@ -221,6 +228,7 @@ class TrainingMachine:
         self._window_start = time.perf_counter()
         self._window_tokens = 0
         self._wall = 0.0
+        self.flops = FlopsMeter()  # the run's training FLOPs (training/flops.py)
         self._saved_step = -1  # the step of the newest checkpoint on disk (saved or resumed from)
         self._first_bad_step = torch.tensor(-1, device=self.device)
         self._bad_group_norms = torch.zeros(0, device=self.device)  # sized per phase
@@ -309,7 +317,7 @@ class TrainingMachine:
         self.model.to(self.device)
         self.data.enter_phase(phase, index, start_step)
         self._wrap()
-        self.optim.enter_phase(self.model, phase)
+        self.optim.enter_phase(self.model, phase, self.model_plane.new_parameters)
         if self._initial_optimizer_state:  # model.init_from_optimizer: the source's moments, once
             load_state_by_name(self.optim.optimizer, self._initial_optimizer_state, place=distributed.shard_like)
             self._initial_optimizer_state = {}
@@ -326,6 +334,7 @@ class TrainingMachine:
         what the step derives from them is computed once here, not on every step."""
         self._first_trainable = first_trainable_stack(self.model)
         self._loss_unit.first_trainable = self._first_trainable
+        self.flops.enter(self.model)
         self._bad_group_norms = torch.zeros(len(self.optim.optimizer.param_groups), device=self.device)
 
     def _wrap(self) -> None:
@@ -360,11 +369,20 @@ class TrainingMachine:
     def _open_cache(self, phase: Phase, index: int) -> None:
         first = self._first_trainable
         settings = self.data.settings
-        reason = self.data.cache_off_reason or \
-            cache_off_reason(self.config.run.activation_cache, first, settings["objective"], settings["mask_rate"])
+        n_windows = self.data.loader.n_train_windows
+        start, end = self.schedule.step_ranges(self.total_steps)[index]
+        # The cache fills from now (a resumed phase starts it empty): it pays only if the draws
+        # left in the phase repeat a sample, i.e. cross an epoch of the window order they continue
+        # (order_offset: what earlier phases drew of it; schedule.data_orders).
+        draws = (end - self.step) * settings["batch_size"]
+        done = settings.get("order_offset", 0) + (self.step - start) * settings["batch_size"]
+        decision = CacheDecision(off=self.data.cache_off_reason) if self.data.cache_off_reason else cache_decision(
+            self.config.run.activation_cache, first, settings["objective"], settings["mask_rate"], phase=phase.name,
+            draws=draws, n_windows=n_windows, offset_in_epoch=done % max(1, n_windows))
         context = (self.model_plane.trunk_version, index)
-        message = self.cache.enter(context, reason, self.data.loader.n_train_windows, settings["seq_len"], self.model.cfg.d_model)
-        self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, message=message)
+        message = self.cache.enter(context, decision, n_windows, settings["seq_len"], self.model.cfg.d_model)
+        self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, on=decision.on,
+                        draws=decision.draws, windows=decision.windows, expected_hits=decision.hits, message=message)
         if first > 0:  # said only where a cache could matter: a frozen trunk below the trainable stacks
             self.log.say(message)
 
@@ -380,9 +398,12 @@ class TrainingMachine:
         self._sync_phase()
         step, t, phase = self.step, self.t, self.phase
         tau = phase.local_time(t)
-        lr = self.optim.set_lr(tau)
+        lr = self.optim.set_lr(t)  # a phase's shape at τ, a run-wide one at t (docs/schedule.md)
         batch = self.data.batch(step, tau)
+        cached_before = self._cache_counts()
         loss = self._update(batch)
+        hits, misses = (after - before for after, before in zip(self._cache_counts(), cached_before, strict=True))
+        self.flops.add_step(batch, self.config.training.grad_accum_steps, self.dist.world_size, hits, hits + misses)
         self._pending_losses.append(loss)
         self.tokens_seen += batch.n_tokens * self.dist.world_size  # every rank's slice is as large
         self._window_tokens += batch.n_tokens * self.dist.world_size
@@ -455,6 +476,12 @@ class TrainingMachine:
             self._bad_group_norms = torch.where(first & ~ok, marked, self._bad_group_norms)
         optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _cache_counts(self) -> tuple[int, int]:
+        """The activation cache's hits and misses so far in this phase (host counters; under
+        torchrun this rank's, standing for every rank's)."""
+        stats = self.cache.cache.stats if self.cache.active else None
+        return (stats.hits, stats.misses) if stats is not None else (0, 0)
 
     def _loss_denominator(self, batch: Batch) -> float | torch.Tensor:
         """The step's loss is Σ ce·w over the whole (global) batch divided by its target count,
@@ -534,7 +561,7 @@ class TrainingMachine:
             step=step, t=t, phase=phase.name, loss=loss, loss_mean=sum(values) / len(values), lr=lr,
             tokens=self.tokens_seen, tokens_per_s=self._window_tokens / max(elapsed, 1e-9),
             grad_norm=float(self._grad_norm), trainable_params=self.model.num_parameters(trainable_only=True),
-            peak_mem_mb=_peak_memory_mb(self.device),
+            peak_mem_mb=_peak_memory_mb(self.device), wall_s=self._wall, **self.flops.window(elapsed, self._peak_flops),
         )
         self.log.step(**record)
         self.events.emit("on_log", record)
@@ -578,7 +605,8 @@ class TrainingMachine:
             if not self.data.knows_bytes:
                 del result["val_bpb"]
         self.last_eval = result
-        self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, **result)
+        self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, wall_s=self._wall, **self.flops.fields(),
+                        **result)
         quality = f"{result['val_bpb']:.4f} bits/byte" if "val_bpb" in result else f"perplexity {result['val_ppl']:.2f}"
         self.log.say(f"eval at step {self.step}: val loss {result['val_loss']:.4f}, {quality}")
         self.events.emit("on_eval", dict(result))

@@ -18,7 +18,9 @@ of a training step is the sum of:
   of the scored rows (clm scores every position, masked objectives the masked ones; kept from
   forward to backward, scaled in place) and the head weight's gradient when it is added to an
   earlier micro-batch's (otherwise it becomes the weight's `.grad`, counted with the gradients);
-- the activation cache (host RAM): one fp32 row of seq_len · d_model per training window;
+- the activation cache (host RAM): one fp32 row of seq_len · d_model per distinct sample the phase
+  draws, up to `run.cache_ram_mb` (rows beyond it go to a file on disk), and none in a phase that
+  does not cache (`cache_resident_rows`);
 - on CUDA with bf16 autocast, the bf16 copies of dense weights autocast keeps during a step.
 
 `benchmarks/memory_planner.py` compares these estimates with measured peaks.
@@ -35,6 +37,7 @@ from stackwise.config import ModelConfig
 from stackwise.model import StackWiseModel
 from stackwise.model.head_loss import chunk_rows
 from stackwise.model.lora import LoRALinear
+from stackwise.training.cache import distinct_draws
 
 # NF4: 4 bits a value, an int8 scale per block of 64, and per group of (up to) 256 scales a
 # double-quantization scale (fp32): 0.5 + 1/64 + 4/(64·256) bytes a weight.
@@ -103,7 +106,8 @@ def estimate_phase(
     autocast_bf16: bool = False,
     cache_windows: int = 0,
 ) -> MemoryEstimate:
-    """Peak memory of one training step of `model` as it stands (roles and precisions set)."""
+    """Peak memory of one training step of `model` as it stands (roles and precisions set).
+    `cache_windows`: the rows the phase's activation cache holds in RAM (`cache_resident_rows`)."""
     cfg = model.cfg
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
@@ -137,6 +141,14 @@ def estimate_phase(
                     and not (isinstance(m, LoRALinear) and m.base_precision == "nf4"))
         estimate.autocast_copies = 2 * dense
     return estimate
+
+
+def cache_resident_rows(phase_draws: int | None, n_windows: int, seq_len: int, d_model: int, ram_budget_mb: int) -> int:
+    """Rows a phase's activation cache can hold in RAM: one per distinct sample the phase draws
+    (at most one per window; all windows when the draws are not known), up to what the RAM budget
+    holds. The caller passes 0 windows for a phase that does not cache."""
+    rows = n_windows if phase_draws is None else distinct_draws(phase_draws, n_windows)
+    return min(rows, ram_budget_mb * 2**20 // (seq_len * d_model * 4))
 
 
 def rope_table_bytes(model: StackWiseModel) -> float:

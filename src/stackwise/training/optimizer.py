@@ -4,7 +4,9 @@ Groups: every trainable parameter falls in exactly one group keyed by (decay, lr
 - decay: parameters with ndim >= 2 (weight matrices and embeddings) get the weight decay;
   norms' gains and biases (ndim < 2) get none, as usual for transformers;
 - lr scale: `lr_scale` maps fnmatch patterns over parameter names to lr multipliers; the FIRST
-  pattern (in the mapping's order, i.e. the YAML order) that matches a name wins, else 1.0.
+  pattern (in the mapping's order, i.e. the YAML order) that matches a name wins, else 1.0;
+- new: with `warmup_new`, the parameters the phase added (grown stacks) get groups of their own
+  (`new: True`), whose lr `set_lr` multiplies by the warmup factor while the others keep theirs.
 
 Each group dict carries `names`, `lr_scale`, `label` and `weight_decay`, so an optimizer built
 here can always say which parameter is which (`optimizer_param_names`). See docs/schedule.md.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -47,34 +49,41 @@ def _check_scales(patterns: Mapping[str, float]) -> None:
         raise ConfigError(bad)
 
 
-def _group_label(decay: bool, scale: float) -> str:
+def _group_label(decay: bool, scale: float, new: bool = False) -> str:
     kind = "decay" if decay else "no_decay"
     # repr keeps distinct scales distinct (":g" would merge 0.1 and 0.1000001 into one label).
-    return kind if scale == 1.0 else f"{kind}:lr_scale={scale!r}"
+    label = kind if scale == 1.0 else f"{kind}:lr_scale={scale!r}"
+    return f"{label}:new" if new else label
 
 
-def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """Trainable parameters of `model` split into (decay, lr scale) groups, in first-seen order.
+def param_groups(model: nn.Module, cfg: OptimizerConfig, new: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Trainable parameters of `model` split into (decay, lr scale, new) groups, in first-seen order.
 
+    `new`: names of the parameters the phase added; they get groups of their own (`new: True`)
+    only when `cfg.warmup_new` is set, so without it the groups are exactly (decay, lr scale).
     `named_parameters()` lists a tied parameter once (under its first name), so it lands in
     exactly one group.
     """
     _check_scales(cfg.lr_scale)
-    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    new = set(new) if cfg.warmup_new > 0 else set()
+    groups: dict[tuple[bool, float, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decay = param.ndim >= 2
         scale = _lr_scale_for(name, cfg.lr_scale)
-        group = groups.get((decay, scale))
+        is_new = name in new
+        group = groups.get((decay, scale, is_new))
         if group is None:
-            group = groups[(decay, scale)] = {
+            group = groups[(decay, scale, is_new)] = {
                 "params": [],
                 "names": [],
-                "label": _group_label(decay, scale),
+                "label": _group_label(decay, scale, is_new),
                 "lr_scale": scale,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
             }
+            if is_new:
+                group["new"] = True
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
@@ -85,18 +94,21 @@ def build_optimizer(
     cfg: OptimizerConfig,
     previous: torch.optim.Optimizer | None = None,
     lr: float | None = None,
+    new: Collection[str] = (),
 ) -> torch.optim.Optimizer:
     """An optimizer over exactly the trainable parameters of `model`.
 
-    `lr` is the base lr to start with (default: the configured lr at τ = 0); each group runs at
-    base × its lr_scale. With `previous`, optimizer state is carried over (see `carry_state`).
+    `lr` is the base lr to start with (default: the configured lr at τ = 0, times
+    lr_multiplier); each group runs at base × its lr_scale, and the groups of `new` parameters
+    (with `warmup_new`) start at 0, as their warmup does. With `previous`, optimizer state is
+    carried over (see `carry_state`).
     """
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, new)
     if not groups:
         raise ValueError("the model has no trainable parameters: nothing for the optimizer to update")
-    base_lr = value_at(cfg.lr, 0.0) if lr is None else float(lr)
+    base_lr = value_at(cfg.lr, 0.0) * cfg.lr_multiplier if lr is None else float(lr)
     for group in groups:
-        group["lr"] = base_lr * group["lr_scale"]
+        group["lr"] = 0.0 if group.get("new") else base_lr * group["lr_scale"]
     optimizer = _construct(cfg, groups, base_lr)
     if previous is not None:
         carry_state(previous, optimizer, model)
@@ -186,10 +198,12 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return names
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
-    """Set each group's lr to base_lr × its lr_scale (groups without a scale use 1.0)."""
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, new_factor: float = 1.0) -> None:
+    """Set each group's lr to base_lr × its lr_scale (groups without a scale use 1.0), times
+    `new_factor` for the groups of new parameters (`warmup_new`)."""
     for group in optimizer.param_groups:
-        group["lr"] = base_lr * group.get("lr_scale", 1.0)
+        factor = new_factor if group.get("new") else 1.0
+        group["lr"] = base_lr * group.get("lr_scale", 1.0) * factor
 
 
 def group_grad_norms(

@@ -43,11 +43,20 @@ from stackwise.specs import RackSpec
 # ---- the model plane of a phase -----------------------------------------------------------------
 
 
-def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_index: int, config: StackWiseConfig) -> None:
+def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_index: int, config: StackWiseConfig) -> list[int]:
+    """Grow, then set roles; returns the rack positions of the stacks this phase added."""
     field = f"schedule.{phase_index}.model_config.grow"
     new_positions = grow_rack(model, plane.grow, field) if plane.grow else []
     chosen = trainable_positions(len(model.rack), plane.trainable, new_positions, phase_index)
     set_roles(model, chosen, plane)
+    return new_positions
+
+
+def stack_parameter_names(model: StackWiseModel, positions: Iterable[int]) -> set[str]:
+    """Names (as `model.named_parameters()` gives them) of the parameters of the stacks at
+    `positions`: e.g. what a phase added, for `optimizer.warmup_new`."""
+    wanted = {id(p) for position in positions for p in model.rack[position].parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in wanted}
 
 
 def grow_rack(model: StackWiseModel, grow: GrowConfig, field: str = "grow") -> list[int]:

@@ -7,6 +7,8 @@ The rules (DESIGN.md section 4, docs/schedule.md):
 - the first step of a phase is `step_at(start_t)` = ceil(start_t · N), so the phase of step k is
   the phase whose [start_t, end_t) holds k / N, computed with integers to avoid float noise;
 - inside a phase, local time τ = (t − start_t) / (end_t − start_t) drives ramped settings;
+  an lr shaped `over: run` is read at t instead, one shape over the whole run (`phase_lr`);
+- phases on the same corpus and seq_len continue one window order (`data_orders`);
 - a run length or phase bounds in tokens or epochs are converted to steps once, before the
   schedule is built (`resolve_time`, stackwise/time_units.py); t stays the one clock.
 """
@@ -492,6 +494,46 @@ def lr_at(lr: float | LrSchedule, tau: float) -> float:
     return value_at(lr, tau)
 
 
+def runs_over_run(lr: float | LrSchedule) -> bool:
+    """Whether `lr` is one shape over the whole run (`over: run`), read at the run's t."""
+    return isinstance(lr, LrSchedule) and lr.over == "run"
+
+
+def phase_lr(cfg: OptimizerConfig, phase: Phase, t: float) -> float:
+    """The base lr at run time t inside `phase`, for `cfg = resolve_optimizer(base, phase)`: a
+    shape `over: run` read at t, any other lr at the phase's local time τ; times `lr_multiplier`.
+    A pure function of the step (t = step / N), so a resumed run sets the same lr."""
+    time = t if runs_over_run(cfg.lr) else phase.local_time(t)
+    return value_at(cfg.lr, time) * cfg.lr_multiplier
+
+
+def new_params_warmup(cfg: OptimizerConfig, phase: Phase, t: float) -> float:
+    """The factor on the lr of the parameters `phase` adds (its grown stacks) at time t:
+    `min(1, τ / warmup_new)`, linear from 0; 1 without `warmup_new`."""
+    if cfg.warmup_new <= 0:
+        return 1.0
+    return min(max(phase.local_time(t), 0.0) / cfg.warmup_new, 1.0)
+
+
+def lr_summary(cfg: OptimizerConfig, phase: Phase) -> str:
+    """The lr of a phase in words, for `stackwise plan`: a shape of the phase as written (`warmup
+    5% → cosine 3.0e-04→3.0e-05`); a run-wide shape by the values it gives at the phase's start
+    and end (`2.0e-03→1.1e-03 (run cosine)`); then any multiplier and new-parameter warmup."""
+    lr = cfg.lr
+    if runs_over_run(lr):
+        start, end = phase_lr(cfg, phase, phase.start_t), phase_lr(cfg, phase, phase.end_t)
+        scaled = f" ×{cfg.lr_multiplier:g}" if cfg.lr_multiplier != 1.0 else ""
+        text = f"{start:.1e}→{end:.1e} (run {lr.schedule}{scaled})"
+    else:
+        if isinstance(lr, LrSchedule):
+            warm = f"warmup {lr.warmup:.0%} → " if lr.warmup else ""
+            text = f"{warm}{lr.schedule} {lr.peak:.1e}→{lr.final:.1e}" if lr.schedule != "constant" else f"{warm}{lr.peak:.1e}"
+        else:
+            text = f"{lr:.1e}"
+        text += f" ×{cfg.lr_multiplier:g}" if cfg.lr_multiplier != 1.0 else ""
+    return text + (f"; new params warm up {cfg.warmup_new:.0%}" if cfg.warmup_new else "")
+
+
 def resolve_optimizer(base: OptimizerConfig, phase: Phase) -> OptimizerConfig:
     """The phase's optimizer settings: each override that is not None replaces the base field
     (whole values: a phase's `lr_scale` replaces the base mapping, it is not merged)."""
@@ -535,3 +577,25 @@ def data_settings(
         "paths": list(pick("paths", base.paths)),
         "text_field": pick("text_field", base.text_field),
     }
+
+
+def data_orders(config: StackWiseConfig, total_steps: int) -> list[tuple[int, int]]:
+    """Per phase, `(order, order_offset)`: which window order the phase draws from and how many
+    samples of that order the earlier phases drew (docs/data.md, "Data order across phases").
+
+    Phases on the same corpus (paths, text_field) at the same seq_len cut the same windows, so
+    they continue one order: the order of the first such phase (its index names it), with a
+    run-wide sample counter that counts every earlier such phase's steps × its batch size. A
+    phase on another corpus or seq_len starts its own order at 0. A pure function of the config
+    and the run length, so resume and every rank agree on it."""
+    schedule = PhaseSchedule.from_config(config, total_steps)
+    first_of: dict[tuple[Any, ...], int] = {}  # corpus key -> index of the first phase on it
+    drawn: dict[tuple[Any, ...], int] = {}  # corpus key -> samples drawn so far
+    out = []
+    for index, (phase, (first, end)) in enumerate(zip(schedule, schedule.step_ranges(total_steps), strict=True)):
+        data = resolve_data(config, phase, tau=None)
+        key = (tuple(data["paths"]), data["text_field"], data["seq_len"])
+        order = first_of.setdefault(key, index)
+        out.append((order, drawn.get(key, 0)))
+        drawn[key] = drawn.get(key, 0) + (end - first) * data["batch_size"]
+    return out
