@@ -31,7 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 # name: arguments for --quick (the default run passes none: each module's defaults).
 BENCHMARKS: dict[str, list[str]] = {
     "data_tokenize": ["--repeats", "2"],
-    "data_ingest": ["--sizes", "2", "4"],
+    "data_ingest": ["--sizes", "2", "4", "--ratio-size", "2", "--repeats", "1"],
     "engine_overhead": ["--blocks", "2", "--steps", "3", "--warmup", "1"],
     "hot_path": ["--blocks", "2", "--steps", "2"],
     "progressive_flatness": ["--repeats", "1", "--steps", "2"],

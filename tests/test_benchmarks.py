@@ -33,8 +33,8 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
 
 def test_data_ingest_smoke_prepares_every_form_and_reports_the_goals(tmp_path):
     out = tmp_path / "data_ingest.json"
-    cmd = [sys.executable, "-m", "benchmarks.data_ingest", "--sizes", "1", "2", "--work", str(tmp_path / "work"),
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.data_ingest", "--sizes", "1", "2", "--ratio-size", "1", "--repeats", "1",
+           "--work", str(tmp_path / "work"), "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -44,4 +44,5 @@ def test_data_ingest_smoke_prepares_every_form_and_reports_the_goals(tmp_path):
         assert 0.9 * r["size_mb"] < r["text_mb"] < 1.1 * r["size_mb"] and r["peak_rss_mb"] > 0
         assert (r["tokens"] > r["text_mb"] * 1e6) == (r["tokenizer"] == "byte")  # byte: a token per byte, plus [EOS]s
     assert set(result["goals"]["peak_ratio_largest_over_smallest"]) == {"single/byte", "single/bpe", "docs/byte", "docs/bpe"}
-    assert result["goals"]["min_encode_vs_bare"] > 0
+    assert [t["form"] for t in result["bpe_encode_vs_bare"]] == ["single", "docs"]
+    assert result["goals"]["min_encode_vs_bare"] == min(t["median_ratio"] for t in result["bpe_encode_vs_bare"]) > 0

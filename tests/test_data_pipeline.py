@@ -288,3 +288,57 @@ def test_generate_and_eval_data_work_from_a_copied_run_folder_without_the_corpus
     assert [m["files"] for m in metas] == [[str(other)]]  # only the scored file was read
     code, _, err = cli(["eval", str(moved)], capsys)  # its own validation split needs its corpus
     assert code == 2 and str(corpus) in err and "--data" in err
+
+
+def test_an_in_memory_corpus_is_tokenized_from_its_own_documents(tmp_path):
+    from stackwise.data import Corpus, Document, load_token_splits
+
+    mine = Corpus((Document("first text", "a"), Document("second, longer text", "b")), "mine")
+    splits = load_token_splits(mine, ByteTokenizer(), val_fraction=0.3, text_field="text", cache_dir=tmp_path,
+                               progress=False)
+    assert splits.train_bytes + splits.val_bytes == len("first text") + len("second, longer text")
+    assert bytes(np.concatenate([splits.train, splits.val])[np.concatenate([splits.train, splits.val]) < 256]
+                 .astype(np.uint8)) in (b"first textsecond, longer text", b"second, longer textfirst text")
+    other = Corpus((Document("something else", "c"), Document("entirely", "d")), "other")
+    assert load_token_splits(other, ByteTokenizer(), val_fraction=0.3, text_field="text", cache_dir=tmp_path,
+                             progress=False).key != splits.key  # no shared entry for fingerprint-less corpora
+
+
+def test_crlf_blank_lines_are_cut_points():
+    text = b"one line\r\n\r\n" + b"x" * 30 + b"\r\n" + b"y" * 30
+    pieces = list(formats.cut_pieces(iter([text]), cap=40))
+    assert pieces[0] == b"one line\r\n\r\n" and b"".join(pieces) == text
+
+
+def test_decompressed_pieces_stay_bounded_for_a_highly_compressible_file(tmp_path):
+    import gzip
+
+    path = tmp_path / "zeros.txt.gz"
+    path.write_bytes(gzip.compress(b"a" * (64 * 2**20)))  # 64 MiB of text in ~64 KiB
+    with open(path, "rb") as raw:
+        sizes = [len(c) for c in formats._decompressed(formats._raw_chunks(raw, path), "gzip", path)]
+    assert sum(sizes) == 64 * 2**20 and max(sizes) <= formats._READ_SIZE
+
+
+def test_temporary_folders_of_dead_builds_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tokens = tmp_path / "tokens"
+    for name, pid in (("dead", int(dead.stdout)), ("live", os.getpid())):
+        folder = tokens / f".{name}.abc.tmp"
+        folder.mkdir(parents=True)
+        (folder / token_cache_module.OWNER_FILE).write_text(f"{socket.gethostname()}:{pid}")
+        (folder / "train.bin").write_bytes(b"\0" * 100)
+    elsewhere = tokens / ".other-host.abc.tmp"
+    elsewhere.mkdir()
+    (elsewhere / token_cache_module.OWNER_FILE).write_text("another-host:1")
+    token_cache_module.load_token_splits(builtin_source(), ByteTokenizer(), val_fraction=0.05, text_field="text",
+                                         cache_dir=tmp_path, progress=False)
+    left = sorted(p.name for p in tokens.glob(".*.tmp"))
+    assert left == [".live.abc.tmp", ".other-host.abc.tmp"]  # another host's build is judged by its age
+    old = time.time() - 2 * token_cache_module._ABANDONED_AFTER
+    for f in (elsewhere, *elsewhere.iterdir()):
+        os.utime(f, (old, old))
+    token_cache_module._remove_abandoned(tokens / "any")
+    assert sorted(p.name for p in tokens.glob(".*.tmp")) == [".live.abc.tmp"]

@@ -49,6 +49,15 @@ def check_cache_dir(path: Path) -> None:
                         "point data.cache_dir at a folder (it is created if missing)", path)
 
 
+def could_write(path: Path) -> bool:
+    """Whether the cache folder `path` exists writable, or could be created (its nearest
+    existing ancestor is a writable folder); nothing is created."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return part.is_dir() and os.access(part, os.W_OK | os.X_OK)
+    return False
+
+
 def cache_error(path: Path, err: OSError, doing: str) -> DataError:
     """One message for a cache write that failed: the folder, what was being done and why."""
     if err.errno in (errno.ENOTDIR, errno.EEXIST) and _blocking_file(path) is not None:

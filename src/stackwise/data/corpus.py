@@ -61,16 +61,28 @@ class CorpusSource:
     text_field: str = "text"
     token_files: tuple[str, ...] = ()  # a token corpus (.bin files): no documents until split by the cache
     stored_bytes: int = 0  # the files' sizes on disk (for progress and messages)
+    in_memory: tuple[Document, ...] | None = None  # the documents themselves (a `Corpus` held in memory)
 
     @property
     def builtin(self) -> bool:
-        return not self.files
+        return not self.files and self.in_memory is None
+
+    @property
+    def text_bytes_estimate(self) -> int | None:
+        """About how many bytes of text the documents hold (for progress): the stored size when
+        every file is uncompressed text or JSON lines, else unknown."""
+        plain = all(formats.file_format(Path(f)).compression is None and formats.file_format(Path(f)).kind
+                    in ("text", "jsonl") for f in self.files)
+        return self.stored_bytes if self.files and plain and not self.token_files else None
 
     def documents(self, stats: formats.FileStats | None = None, warn: bool = True) -> Iterator[Document]:
         """Every document, in corpus order; invalid UTF-8 replaced and counted in `stats` (with
         `warn`, a warning naming each such file is logged once it has been read whole)."""
         if self.token_files:
             raise ValueError("a token corpus has no text documents (token_files.write_token_splits reads it)")
+        if self.in_memory is not None:
+            yield from self.in_memory
+            return
         if self.builtin:
             yield from _builtin_documents()
             return
@@ -95,6 +107,21 @@ class Corpus:
     fingerprint: str = ""
     replacements: dict[str, int] = field(default_factory=dict)  # file -> invalid UTF-8 sequences replaced
     token_files: tuple[str, ...] = ()
+
+    def source(self, text_field: str = "text") -> CorpusSource:
+        """A source that streams these very documents (not the files again: they may have changed,
+        and a corpus built from `Document`s has none), fingerprinted by their content when the
+        corpus has no fingerprint."""
+        if self.token_files:
+            return CorpusSource(self.name, self.files, self.fingerprint, text_field, self.token_files)
+        fingerprint = self.fingerprint
+        if not fingerprint:
+            digest = hashlib.blake2b(b"documents\0", digest_size=16)
+            for doc in self.documents:
+                data = doc.text.encode("utf-8")
+                digest.update(len(data).to_bytes(8, "little") + data)
+            fingerprint = digest.hexdigest()
+        return CorpusSource(self.name, self.files, fingerprint, text_field, in_memory=self.documents)
 
 
 @dataclass(frozen=True)

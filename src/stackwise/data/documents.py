@@ -2,7 +2,7 @@
 and which documents train the tokenizer.
 
 `plan_documents` reads every document once (memory: one file chunk and one document at a
-time, plus 17 bytes per document) and returns a `DocumentPlan`: the train/validation split by
+time, plus 12 bytes per document) and returns a `DocumentPlan`: the train/validation split by
 content hash (`corpus.assign_validation`, the same rule as `split_corpus`), each document's
 exact UTF-8 byte count (bits per byte needs them) and a deterministic sample of the training
 split, bounded by `data.tokenizer.train_bytes`, to train BPE on. Later stages stream the
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stackwise.data import formats
-from stackwise.data.corpus import CorpusSource, Document, assign_validation, empty_corpus, score_of
+from stackwise.data.corpus import CorpusSource, Document, assign_validation, empty_corpus
 from stackwise.data.errors import DataError
 from stackwise.data.progress import Progress
 
@@ -66,9 +66,10 @@ class DocumentPlan:
 def plan_documents(source: CorpusSource, val_fraction: float, sample_budget: int = 0,
                    progress: bool = False) -> DocumentPlan:
     """One pass over `source`: the split (`val_fraction` ≥ 1: every document validation), the byte
-    counts and the tokenizer sample of at most `sample_budget` bytes (at least one document).
+    counts and the tokenizer sample of at most `sample_budget` bytes (at least one document; none
+    for a budget of 0).
     `progress`: report the pass on stderr (data.progress)."""
-    reading = Progress(f"reading {source.name}", source.stored_bytes) if progress else None
+    reading = Progress(f"reading {source.name}", source.text_bytes_estimate) if progress else None
     plan = _plan(source, val_fraction, sample_budget, reading)
     if reading is not None:
         reading.finish()
@@ -76,14 +77,14 @@ def plan_documents(source: CorpusSource, val_fraction: float, sample_budget: int
 
 
 def _plan(source: CorpusSource, val_fraction: float, sample_budget: int, progress: Progress | None) -> DocumentPlan:
-    scores, keys, sizes = array("d"), array("Q"), array("q")
+    # 12 bytes per document: its content hash (the split score is its big-endian reading, the
+    # sample key the same bits byte-swapped) and its size (at most formats.max_document_bytes).
+    digests, sizes = array("Q"), array("I")
     first: str | None = None
     stats = formats.FileStats()
     for doc in source.documents(stats):
         data = doc.text.encode("utf-8")
-        digest = hashlib.blake2b(data, digest_size=8, person=b"stackwise-split")
-        scores.append(score_of(digest))
-        keys.append(int.from_bytes(digest.digest(), "little"))  # independent of the score's big-endian bits
+        digests.append(int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"stackwise-split").digest(), "big"))
         sizes.append(len(data))
         if first is None:
             first = doc.text
@@ -91,14 +92,16 @@ def _plan(source: CorpusSource, val_fraction: float, sample_budget: int, progres
             progress.advance(len(data))
     if not sizes:
         raise empty_corpus(source)
-    n_bytes = np.frombuffer(sizes, dtype=np.int64).copy()
     if val_fraction < 1 and len(sizes) == 1:
         return _single_document(first or "", val_fraction, stats.replacements)
+    digest = np.frombuffer(digests, dtype=np.uint64)
+    n_bytes = np.frombuffer(sizes, dtype=np.uint32).astype(np.int64)
     if val_fraction >= 1:
         in_val, rule = np.ones(len(sizes), dtype=bool), "all-validation"
     else:
-        in_val, rule = assign_validation(np.frombuffer(scores, dtype=np.float64), val_fraction), "by-document"
-    in_sample = _sample(np.frombuffer(keys, dtype=np.uint64), n_bytes, ~in_val, sample_budget)
+        # score_of: the digest as a big-endian integer over 2^64 (the same float as the in-memory split)
+        in_val, rule = assign_validation(digest.astype(np.float64) / 2.0**64, val_fraction), "by-document"
+    in_sample = _sample(digest.byteswap(), n_bytes, ~in_val, sample_budget)
     return DocumentPlan(in_val, n_bytes, in_sample, rule, int(n_bytes[~in_val].sum()), int(n_bytes[in_val].sum()),
                         replacements=stats.replacements)
 
@@ -113,10 +116,11 @@ def _single_document(text: str, val_fraction: float, replacements: dict[str, int
 
 
 def _sample(keys: np.ndarray, n_bytes: np.ndarray, train: np.ndarray, budget: int) -> np.ndarray:
-    """Training documents in key order while their bytes fit `budget` (at least one)."""
+    """Training documents in key order while their bytes fit `budget` (at least one; none when
+    the budget is 0)."""
     chosen = np.zeros(len(keys), dtype=bool)
     candidates = np.flatnonzero(train)
-    if candidates.size == 0:
+    if candidates.size == 0 or budget <= 0:  # no sample wanted (the shards stage alone)
         return chosen
     order = candidates[np.argsort(keys[candidates], kind="stable")]
     within = np.cumsum(n_bytes[order]) <= budget

@@ -51,6 +51,7 @@ EXTRA_HINT = {"pyarrow": "pip install 'stackwise[parquet]'", "zstandard": "pip i
 
 _READ_SIZE = 1 << 18  # bytes read at a time: bounds what one decompression call makes
 _HASH_READ = 1 << 20  # bytes read at a time when hashing a file
+_ZSTD_FEED = 1 << 14  # compressed bytes handed to zstd at a time (its output has no cap)
 # A document larger than this is cut into several (`cut_pieces`): `tokenizers` keeps about 125
 # bytes of offsets per byte of a document while encoding it, so one 100 MB text file read as one
 # document would need 12 GB, and 1 MiB documents cost 130 MB each per encoding thread. 256 KiB
@@ -195,14 +196,18 @@ def cut_pieces(chunks: Iterator[bytes], cap: int | None = None) -> Iterator[byte
 
 
 def _cut_point(data: bytearray, cap: int) -> int:
-    """Where to end a document that may take `data[:cap]`: after a blank line, a line end, or
-    at a UTF-8 character boundary (never inside a character); always > 0."""
-    for separator in (b"\n\n", b"\n"):
-        at = data.rfind(separator, 0, cap)
-        if at > 0:
-            return at + len(separator)
+    """Where to end a document that may take `data[:cap]`: after a blank line (LF or CRLF), a
+    line end, or at a UTF-8 character boundary (never inside a character); always > 0."""
+    blank = max(data.rfind(b"\n\n", 0, cap), data.rfind(b"\n\r\n", 0, cap))
+    if blank > 0:
+        return data.index(b"\n", blank + 1) + 1
+    line = data.rfind(b"\n", 0, cap)
+    if line > 0:
+        return line + 1
     cut = cap
-    while cut > 1 and (data[cut] & 0xC0) == 0x80:  # a continuation byte: back up to the character's start
+    # A UTF-8 character has at most 3 continuation bytes: back up to its start (invalid bytes
+    # are not characters, so never further than that).
+    while cut > cap - 3 and (data[cut] & 0xC0) == 0x80:
         cut -= 1
     return cut
 
@@ -214,7 +219,9 @@ def cut_text(text: str, source: str) -> Iterator[tuple[str, str]]:
         yield text, source
         return
     for number, piece in enumerate(cut_pieces(iter((data,))), start=1):
-        yield piece.decode("utf-8"), f"{source}#{number}"  # cut at character boundaries: valid
+        text = piece.decode("utf-8")  # cut at character boundaries: valid
+        if text.strip():  # a whitespace-only piece is dropped, as whitespace-only documents are
+            yield text, f"{source}#{number}"
 
 
 def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -309,22 +316,30 @@ def _decoder_factory(compression: str, path: Path) -> tuple[Callable[[], Any], t
 
 def _decompressed(chunks: Iterator[bytes], compression: str, path: Path) -> Iterator[bytes]:
     """Decompress a stream of one or more gzip members / zstd frames; a truncated or damaged file
-    is a DataError naming it (never silently shorter)."""
+    is a DataError naming it (never silently shorter). Output comes in bounded pieces: gzip's at
+    most `_READ_SIZE` bytes each; zstd's from at most `_ZSTD_FEED` input bytes each (zstd's API
+    here has no output cap; text and JSON compress 3-10×, so that is ~100 KiB-1 MiB)."""
     new, errors, name = _decoder_factory(compression, path)
+    feed = _ZSTD_FEED if compression == "zstd" else _READ_SIZE
     decoder, fed = new(), False
     try:
         for chunk in chunks:
-            data = chunk
-            while data:
-                fed = True
-                out = decoder.decompress(data)
-                if out:
-                    yield out
-                if decoder.eof:  # end of a member / frame: another may follow
-                    data = decoder.unused_data
-                    decoder, fed = new(), False
-                else:
-                    data = b""
+            for start in range(0, len(chunk), feed):
+                data = chunk[start:start + feed]
+                while data:
+                    fed = True
+                    if compression == "gzip":
+                        out = decoder.decompress(data, _READ_SIZE)
+                        pending = decoder.unconsumed_tail  # input held back by the output cap
+                    else:
+                        out, pending = decoder.decompress(data), b""
+                    if out:
+                        yield out
+                    if decoder.eof:  # end of a member / frame: another may follow
+                        data = decoder.unused_data
+                        decoder, fed = new(), False
+                    else:
+                        data = pending
     except errors as err:
         raise DataError(f"{path}: not a valid {name} file ({err}); check the file or drop its .{_ext(compression)} "
                         "suffix if it is not compressed", path) from None

@@ -8,7 +8,7 @@
 | windows | `stackwise.training.loader` | serves fixed windows of the memory-mapped shards, per phase |
 
 Memory is flat in the corpus size: one file chunk, one document (≤ 256 KiB) and one encoding batch
-(~2 MiB of text) at a time, 17 bytes per document for the plan, and the BPE trainer's word
+(~2 MiB of text) at a time, 12 bytes per document for the plan, and the BPE trainer's word
 counts over a sample of at most `data.tokenizer.train_bytes`. Each stage runs only when its
 output is not cached: a second run (or every run after `stackwise prepare CONFIG`) hashes the
 corpus files and maps the shards.
@@ -108,7 +108,7 @@ def _counted(texts: Iterator[str], total: int, progress: bool, label: str) -> It
     report = Progress(label, total) if progress else None
     for text in texts:
         if report is not None:
-            report.advance(len(text))
+            report.advance(len(text.encode("utf-8")))
         yield text
     if report is not None:
         report.finish()

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import time
 from collections.abc import Sequence
@@ -59,8 +60,8 @@ log = logging.getLogger(__name__)
 FORMAT = "stackwise-tokens-v2"  # v2: meta.json carries a checksum of each .bin
 CHECKSUM = "sha256"  # 1.3 GB/s here (SHA-NI), against 0.7 GB/s for blake2b
 STAMP_FILE = "verified.json"
-OWNER_FILE = "owner.pid"  # in a temporary entry folder: the pid of the process writing it
-_ABANDONED_AFTER = 3600.0  # seconds after which a temporary folder without a readable owner is removed
+OWNER_FILE = "owner.pid"  # in a temporary entry folder: "host:pid" of the process writing it
+_ABANDONED_AFTER = 3600.0  # seconds without a write after which any temporary entry folder is removed
 _HASH_CHUNK = 1 << 20  # bytes hashed per read when verifying a file
 _SPLITS = ("train", "val")
 
@@ -108,10 +109,8 @@ def cache_key(corpus: CorpusSource | Corpus, tokenizer: Tokenizer, val_fraction:
 
 
 def as_source(corpus: CorpusSource | Corpus, text_field: str) -> CorpusSource:
-    """The streaming source of a corpus (an in-memory `Corpus` is streamed from its files again)."""
-    if isinstance(corpus, CorpusSource):
-        return corpus
-    return CorpusSource(corpus.name, corpus.files, corpus.fingerprint, text_field, corpus.token_files)
+    """The streaming source of a corpus (an in-memory `Corpus` streams its own documents)."""
+    return corpus if isinstance(corpus, CorpusSource) else corpus.source(text_field)
 
 
 def load_token_splits(
@@ -173,10 +172,10 @@ def _build(
     progress: bool,
 ) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
-    _remove_abandoned(folder)
     try:
+        _remove_abandoned(folder)
         tmp = new_temp_dir(folder)
-        (tmp / OWNER_FILE).write_text(str(os.getpid()))
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()}:{os.getpid()}")
     except OSError as err:
         raise cache_error(folder.parent, err, "writing the token cache") from None
     try:
@@ -242,19 +241,44 @@ def _build(
 
 
 def _remove_abandoned(folder: Path) -> None:
-    """Delete the temporary folders that killed preparations of this entry left behind (their
-    owner process is gone): a killed 1 GB preparation must not hold its gigabytes forever."""
-    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+    """Delete the temporary entry folders that killed preparations left behind, so that a killed
+    1 GB preparation does not hold its gigabytes forever: those written on this host by a process
+    that is gone, and, where the writer cannot be checked (another host sharing the cache, no
+    owner recorded yet), those without a write for `_ABANDONED_AFTER` seconds."""
+    for tmp in folder.parent.glob(".*.tmp"):
         try:
-            owner = int((tmp / OWNER_FILE).read_text())
-            os.kill(owner, 0)
-            continue  # still being written by a live process
-        except ProcessLookupError:
-            pass
-        except (OSError, ValueError):
-            if time.time() - tmp.stat().st_mtime < _ABANDONED_AFTER:
-                continue  # no readable owner yet: a build that has just started
+            owner = _owner(tmp)
+            if owner is not None and owner[0] == socket.gethostname():
+                if _pid_alive(owner[1]):
+                    continue
+            elif time.time() - _last_write(tmp) < _ABANDONED_AFTER:
+                continue
+        except OSError:
+            continue  # published or removed meanwhile, or unreadable: not ours to judge
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owner(tmp: Path) -> tuple[str, int] | None:
+    """(host, pid) of the process writing `tmp`, from its OWNER_FILE; None if unreadable."""
+    try:
+        host, pid = (tmp / OWNER_FILE).read_text().rsplit(":", 1)
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def _last_write(tmp: Path) -> float:
+    return max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
 
 
 def _write_durably(path: Path, text: str) -> None:

@@ -34,6 +34,7 @@ import torch
 
 from stackwise import __version__
 from stackwise.config import ConfigError, StackWiseConfig
+from stackwise.data.cache import could_write
 from stackwise.model import quant
 from stackwise.model.lora import flatten_state, load_flat_state, load_nf4_state, nf4_state
 from stackwise.training import distributed
@@ -481,6 +482,9 @@ def evaluation_machine(cls: type[TrainingMachine], run_dir: Path, checkpoint: An
                        ) -> TrainingMachine:
     """`TrainingMachine.for_evaluation`: reads the run, takes no lock and writes nothing."""
     config = with_run_tokenizer(StackWiseConfig.from_yaml(run_dir / "config.yaml"), run_dir)
+    cache = config.data.cache_dir
+    if cache and not could_write(Path(cache).expanduser()):  # a run folder copied to another machine
+        config = config.with_overrides(["data.cache_dir=null"])  # the default cache ($STACKWISE_CACHE, ~/.cache)
     # The run's tokenizer and weights are all generation needs: no corpus is read until a batch
     # is asked for (scoring reads the corpus it scores, and only that one).
     machine = cls(config, run_dir=False, console=False, restoring=True, data=ProgressiveDataLoader(config, prepare=False))

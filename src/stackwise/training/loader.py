@@ -1,5 +1,10 @@
 """`ProgressiveDataLoader`: the data plane of a run, one phase's settings at a time.
 
+It is the last stage of the data pipeline (stackwise.data.pipeline: documents → tokens → shards
+→ windows): it has each corpus prepared (or mapped from the token cache) and serves windows of
+the memory-mapped shards. `prepare=False` defers even that until a batch or a count is asked for
+(generation needs only the run's tokenizer).
+
 A batch is a pure function of (training.seed, phase index, step, phase settings): there is no
 iterator state, so after a resume any step's batch is regenerated exactly. The training split is
 cut into fixed, non-overlapping windows of seq_len+1 tokens (sample id = window index); each
