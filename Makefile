@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench study clean
 
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.lock
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# The growth study (not part of bench): ~1.6 h on 2 CPU cores; resumable (benchmarks/growth_study.py).
+study: $(STAMP)
+	$(BIN)/python -m benchmarks.growth_study
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

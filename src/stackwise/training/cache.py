@@ -14,8 +14,9 @@ and kept activations). `run.activation_cache: true` forces it on anyway, with a 
 Storage: one row of (seq_len, d_model) per distinct sample drawn, in the order samples first come:
 in RAM up to a budget, beyond it appended to a file under the run directory. Both grow with the
 rows stored (RAM in chunks, the file row by row), so memory and disk follow what is actually kept,
-never the corpus size. Rows are only ever written whole, for a whole batch computed together, and
-read back bit for bit, so a cached run computes exactly what an uncached run computes.
+never the corpus size. A batch reads its cached rows and the trunk runs on its other samples
+only (training/forward.py); rows are read back bit for bit, so a cached run computes what an
+uncached run computes.
 
 The cache lives for one *context*: (trunk version, phase, data settings). Any change of the trunk
 (growth below the trainable stacks, unfreezing, new adapters) or of the data stream opens a new
@@ -157,13 +158,22 @@ class ActivationCache:
         return self.spill_dir / SPILL_FILE
 
     def lookup(self, sample_ids: torch.Tensor) -> torch.Tensor | None:
-        """The cached rows of these samples, or None unless every one is cached."""
-        slots = self.slot[sample_ids.cpu()]
-        if not bool((slots >= 0).all()):
-            self.stats.misses += len(slots)
+        """The cached rows of these samples, or None unless every one is cached (counted)."""
+        found, rows = self.lookup_rows(sample_ids)
+        if not bool(found.all()):
+            self.stats.misses += len(found)
             return None
-        self.stats.hits += len(slots)
-        return torch.stack([self._row(int(s)) for s in slots])
+        self.stats.hits += len(found)
+        return rows
+
+    def lookup_rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which of these samples are cached (a bool per sample) and their rows, in order (None
+        when none is); not counted: the caller counts what it used (`stats`)."""
+        slots = self.slot[sample_ids.cpu()]
+        found = slots >= 0
+        if not bool(found.any()):
+            return found, None
+        return found, torch.stack([self._row(int(s)) for s in slots[found]])
 
     def store(self, sample_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """Keep the rows of samples not stored yet (a sample seen twice in one batch, across an

@@ -46,15 +46,33 @@ class LossForward(nn.Module):
         model, mode, first = self.model, batch.attention_mode, self.first_trainable
         if first == 0:
             return model.rack(model.embedding(batch.input_ids), mode)
-        use_cache = self.cache.active and model.training
-        trunk = self.cache.cache.lookup(batch.sample_ids) if use_cache else None
-        if use_cache and not self.agree(trunk is not None):
-            trunk = None
-        if trunk is None:
+        if not (self.cache.active and model.training):
             with torch.no_grad():
                 trunk = model.forward_from(model.embedding(batch.input_ids), 0, first, mode)
-            if use_cache:
-                self.cache.cache.store(batch.sample_ids, trunk)
-        else:
-            trunk = trunk.to(batch.input_ids.device, non_blocking=True)
-        return model.forward_from(trunk, first, None, mode)
+            return model.forward_from(trunk, first, None, mode)
+        return model.forward_from(self._cached_trunk(batch), first, None, mode)
+
+    def _cached_trunk(self, batch: Batch) -> torch.Tensor:
+        """The trunk's output for the batch: cached rows are read, the others computed (and
+        stored). Under torchrun every rank runs the trunk unless every rank has all its rows,
+        so that sharded forwards stay in step; a rank that must run it along computes all rows."""
+        model, mode, first, cache = self.model, batch.attention_mode, self.first_trainable, self.cache.cache
+        found, rows = cache.lookup_rows(batch.sample_ids)
+        if self.agree(bool(found.all())):
+            cache.stats.hits += len(found)
+            return rows.to(batch.input_ids.device, non_blocking=True)
+        missing = ~found.to(batch.input_ids.device) if bool(found.any()) else None
+        with torch.no_grad():
+            ids = batch.input_ids if missing is None or not bool(missing.any()) else batch.input_ids[missing]
+            computed = model.forward_from(model.embedding(ids), 0, first, mode)
+        if missing is None or not bool(missing.any()):  # nothing read: every row computed
+            cache.stats.misses += len(found)
+            cache.store(batch.sample_ids, computed)
+            return computed
+        cache.stats.hits += int(found.sum())
+        cache.stats.misses += int(missing.sum())
+        cache.store(batch.sample_ids[missing.cpu()], computed)
+        trunk = torch.empty((len(found), *computed.shape[1:]), dtype=computed.dtype, device=computed.device)
+        trunk[missing] = computed
+        trunk[~missing] = rows.to(computed.device, computed.dtype)
+        return trunk

@@ -605,7 +605,8 @@ class TrainingMachine:
             if not self.data.knows_bytes:
                 del result["val_bpb"]
         self.last_eval = result
-        self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, wall_s=self._wall, **self.flops.fields(),
+        self.log.record("eval", step=self.step, t=self.t, phase=self.phase.name, tokens=self.tokens_seen, wall_s=self._wall,
+                        **self.flops.fields(),
                         **result)
         quality = f"{result['val_bpb']:.4f} bits/byte" if "val_bpb" in result else f"perplexity {result['val_ppl']:.2f}"
         self.log.say(f"eval at step {self.step}: val loss {result['val_loss']:.4f}, {quality}")
