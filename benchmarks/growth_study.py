@@ -43,13 +43,15 @@ Sizing (measured on this machine, 2 Xeon cores, with other people's tests runnin
 conservative): the final model trains at ~15,000 tokens/s with one torch thread and `run.compile`
 (16,200 in a bare loop; eager: 12,200 with one thread, 9,800 with two; two threads with torch's
 default spinning OpenMP threads drop to 500-1,000 tokens/s while another process runs, so workers
-get OMP_WAIT_POLICY=PASSIVE). Hence one thread and compile by default (`--threads`, `--no-compile`).
+get OMP_WAIT_POLICY=PASSIVE). Hence one thread and compile by default (`--threads`, `--no-compile`),
+and as many runs at once as there are cores per thread count (`--jobs`; 2 here), so the durations
+below, timed one run at a time, roughly halve.
 20 tokens per parameter (the larger budget) is 13.3M tokens, 3,248 steps (rounded up to a multiple
 of the 16 evaluations): ~15 min for scratch; 5 tokens per parameter (the smaller, a quarter) is 816
 steps, ~3.7 min. The corpus holds 8.85M training tokens, so the larger budget makes 1.5 passes
 (`frozen`'s third phase crosses the epoch, and `run.activation_cache: auto` turns the cache on
-there; it serves a batch only when every window of it is cached, so in a shuffled order it almost
-never hits: ~0.8 GB of rows kept for nothing, no effect on the figures). Per
+there: batches read their cached rows and run the trunk on the rest; FLOPs count the rows read
+as free). Per
 step, relative to scratch (80-step runs of every arm, steady state per phase): frozen 0.55, qlora
 0.9, all_trainable and per_phase_lr 0.75, gstack 0.85, small 0.5, scratch_short ~0.5: one seed of
 all 8 arms costs ~5.8 scratch runs, plus ~30 s a run for start-up, compiling and evaluations. So
@@ -94,6 +96,7 @@ import sysconfig
 import textwrap
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -614,6 +617,7 @@ class Plan:
     seeds_by_budget: dict[float, tuple[int, ...]]
     work: Path
     corpus_bytes: int | None = None  # tests: the first files of the library only
+    jobs: int = 1  # runs trained at once
 
 
 def prepare(plan: Plan) -> tuple[Path, Path, str, dict[str, Any]]:
@@ -641,21 +645,30 @@ def run_plan(plan: Plan, log: Any = print) -> tuple[list[Run], dict[str, Any]]:
         f"{stats['val_tokens']:,} validation tokens ({stats['documents']:,} documents)")
     runs_dir = plan.work / "runs"
     runs: list[Run] = []
+
+    def train(batch: list[Run]) -> None:
+        # Independent runs, `plan.jobs` at a time (each worker uses `setup.threads` threads).
+        with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+            for run in pool.map(lambda r: execute(r, runs_dir, digest), batch):
+                runs.append(run)
+                log(f"{run.arm:>18} budget {run.budget:g} seed {run.seed}: {run.steps} steps, final val bpb "
+                    f"{run.final_bpb:.4f}, {run.total_flops:.3e} FLOPs, {run.result['wall_s']:.0f} s training "
+                    f"({run.result['process_s']:.0f} s process)")
+
     for budget in sorted(plan.arms_by_budget):
         steps = plan.setup.steps_for(budget * params)
-        arms = plan.arms_by_budget[budget]
-        for seed in plan.seeds_by_budget[budget]:
-            for arm in [a for a in arms if a != "scratch_short"] + [a for a in arms if a == "scratch_short"]:
-                arm_steps = shortened_steps(runs, budget, seed) if arm == "scratch_short" else steps
-                if arm_steps is None:
-                    log(f"scratch_short at budget {budget:g}, seed {seed}: skipped (needs scratch and a growth arm)")
-                    continue
-                config = run_config(plan.setup, arm, arm_steps, seed, corpus, cache_dir)
-                run = execute(Run(arm, budget, seed, arm_steps, config), runs_dir, digest)
-                runs.append(run)
-                log(f"{arm:>18} budget {budget:g} seed {seed}: {arm_steps} steps, final val bpb {run.final_bpb:.4f}, "
-                    f"{run.total_flops:.3e} FLOPs, {run.result['wall_s']:.0f} s training "
-                    f"({run.result['process_s']:.0f} s process)")
+        arms, seeds = plan.arms_by_budget[budget], plan.seeds_by_budget[budget]
+        train([Run(arm, budget, seed, steps, run_config(plan.setup, arm, steps, seed, corpus, cache_dir))
+               for seed in seeds for arm in arms if arm != "scratch_short"])
+        short = []  # scratch_short: after the arms whose FLOPs it matches
+        for seed in seeds if "scratch_short" in arms else ():
+            arm_steps = shortened_steps(runs, budget, seed)
+            if arm_steps is None:
+                log(f"scratch_short at budget {budget:g}, seed {seed}: skipped (needs scratch and a growth arm)")
+                continue
+            config = run_config(plan.setup, "scratch_short", arm_steps, seed, corpus, cache_dir)
+            short.append(Run("scratch_short", budget, seed, arm_steps, config))
+        train(short)
     return runs, {"params": params, "corpus": stats, "corpus_digest": digest}
 
 
@@ -700,7 +713,8 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, str, Path]:
     if args.quick:
         seeds_by_budget = {b: (seeds[0],) if not args.seeds else tuple(seeds) for b in budgets}
     out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
-    return Plan(setup, arms_by_budget, seeds_by_budget, work), name, out_dir
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // setup.threads)
+    return Plan(setup, arms_by_budget, seeds_by_budget, work, jobs=jobs), name, out_dir
 
 
 def main() -> None:
@@ -711,6 +725,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="default: the main arms (--explore: its recipes)")
     parser.add_argument("--d-model", type=int, help="width of every arm's model (default 64; --quick 32)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default 1: see above)")
+    parser.add_argument("--jobs", type=int, help="runs trained at once (default: cores / threads)")
     parser.add_argument("--no-compile", action="store_true", help="eager runs (default: run.compile, except --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and budgets, 1 seed, all arms")
     parser.add_argument("--explore", action="store_true", help="recipes: extra arms, 1 seed, the smaller budget")

@@ -150,7 +150,9 @@ def interrupted(command: list[str], tmp_path: Path, delay: float) -> None:
         out, err = process.communicate()
         pytest.fail(f"Ctrl-C at {delay}s did not end the run: {err[-1000:]}")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    if process.returncode == 130:
+    # Exit 130, or (rarely, when the signal lands in the interpreter's own start-up or teardown)
+    # death by SIGINT after the same line: a shell reports both as 130.
+    if process.returncode in (130, -signal.SIGINT):
         assert err.strip().splitlines()[-1] == "stackwise: interrupted", err[-2000:]
     else:
         assert process.returncode == 0 and "stopped by SIGINT" in out, (process.returncode, out[-1000:], err[-1000:])
