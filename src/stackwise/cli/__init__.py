@@ -46,7 +46,6 @@ def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from stackwise.cli.plot import plot_run
     from stackwise.training.machine import TrainingMachine
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -75,6 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped:
         print(f"stopped by {result.stopped} after {result.steps} steps; resume with: stackwise train --resume {machine.run_dir}")
         return 0
+    # matplotlib is imported only now: its style parsing swallows a Ctrl-C that lands in its import.
+    from stackwise.cli.plot import plot_run
+
     plot = plot_run(machine.run_dir) if machine.run_dir else None
     val = f"{result.final_val_loss:.4f} ({result.final_val_bpb:.4f} bits/byte)" if result.final_val_loss is not None else "n/a"
     print(f"done: {result.steps} steps, {result.tokens_seen:,} tokens in {result.wall_time:.1f}s; "

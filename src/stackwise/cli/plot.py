@@ -13,11 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt
 
 from stackwise.cli.outputs import output_folder_problem
 from stackwise.config import StackWiseConfig
@@ -94,11 +90,23 @@ def plot_data(run_dir: str | Path, x: str = "t") -> PlotData:
                     _phase_bands(run_dir, x, position), moves, x_range, title)
 
 
+def _pyplot() -> Any:
+    """matplotlib, imported when something is drawn: not at every command's start (its import is
+    slow, and its style parsing swallows a Ctrl-C that lands in it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display is needed or assumed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None, x: str = "t") -> Path:
     run_dir = Path(run_dir)
     if out is not None:
         check_plot_path(Path(out))
     data = plot_data(run_dir, x)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
     for i, (name, start, end) in enumerate(data.bands):
         ax.axvspan(start, end, color=f"C{i % 10}", alpha=0.08, lw=0)
