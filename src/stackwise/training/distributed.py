@@ -15,6 +15,7 @@ Backend: nccl on CUDA (one GPU per rank, cuda:LOCAL_RANK), gloo on CPU. See docs
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -112,9 +113,14 @@ def shutdown(together: bool = True) -> None:
     down while another still talks (rank 0 writing its plot, say) can abort the process. After
     an error a rank leaves at once, so torchrun sees it fail and stops the others."""
     if dist.is_initialized():
+        # Free the run's objects now, while the interpreter is whole: tensors that gloo's worker
+        # threads still reference, freed during interpreter teardown, abort the process (SIGABRT,
+        # "terminate called without an active exception"; pytorch/pytorch#179291).
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _on() -> bool:
