@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stackwise.config import LrSchedule, Ramp, StackWiseConfig, TrainTokens
+from stackwise.config import Ramp, StackWiseConfig, TrainTokens
 from stackwise.time_units import clock_positions
 from stackwise.training.fits import mask_fraction as _mask_fraction  # noqa: F401 (re-exported)
 from stackwise.training.fits import phase_memory
@@ -140,13 +140,6 @@ def memory_table(rows: list[dict[str, Any]], device: str) -> str:
         table.append({"phase": row["phase"], **{k: gib(memory[k]) for k in parts}, "peak": gib(row["memory"].peak(device))})
     note = "cache is host RAM (counted in the CPU peak)" if device == "cpu" else "cache is host RAM (not in the GPU peak)"
     return format_table(table) + f"\n(estimated peak training memory on {device}, GiB; {note})"
-
-
-def describe_lr(lr: float | LrSchedule) -> str:
-    if isinstance(lr, LrSchedule):
-        warm = f"warmup {lr.warmup:.0%} → " if lr.warmup else ""
-        return f"{warm}{lr.schedule} {lr.peak:.1e}→{lr.final:.1e}" if lr.schedule != "constant" else f"{warm}{lr.peak:.1e}"
-    return f"{lr:.1e}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

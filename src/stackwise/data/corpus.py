@@ -71,8 +71,8 @@ class CorpusSource:
     def text_bytes_estimate(self) -> int | None:
         """About how many bytes of text the documents hold (for progress): the stored size when
         every file is uncompressed text or JSON lines, else unknown."""
-        plain = all(formats.file_format(Path(f)).compression is None and formats.file_format(Path(f)).kind
-                    in ("text", "jsonl") for f in self.files)
+        forms = [formats.file_format(Path(f)) for f in self.files]
+        plain = all(form.compression is None and form.kind in ("text", "jsonl") for form in forms)
         return self.stored_bytes if self.files and plain and not self.token_files else None
 
     def documents(self, stats: formats.FileStats | None = None, warn: bool = True) -> Iterator[Document]:

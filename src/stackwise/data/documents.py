@@ -69,14 +69,11 @@ def plan_documents(source: CorpusSource, val_fraction: float, sample_budget: int
     counts and the tokenizer sample of at most `sample_budget` bytes (at least one document; none
     for a budget of 0).
     `progress`: report the pass on stderr (data.progress)."""
-    reading = Progress(f"reading {source.name}", source.text_bytes_estimate) if progress else None
-    plan = _plan(source, val_fraction, sample_budget, reading)
-    if reading is not None:
-        reading.finish()
-    return plan
+    with Progress(f"reading {source.name}", source.text_bytes_estimate, enabled=progress) as reading:
+        return _plan(source, val_fraction, sample_budget, reading)
 
 
-def _plan(source: CorpusSource, val_fraction: float, sample_budget: int, progress: Progress | None) -> DocumentPlan:
+def _plan(source: CorpusSource, val_fraction: float, sample_budget: int, progress: Progress) -> DocumentPlan:
     # 12 bytes per document: its content hash (the split score is its big-endian reading, the
     # sample key the same bits byte-swapped) and its size (at most formats.max_document_bytes).
     digests, sizes = array("Q"), array("I")
@@ -88,8 +85,7 @@ def _plan(source: CorpusSource, val_fraction: float, sample_budget: int, progres
         sizes.append(len(data))
         if first is None:
             first = doc.text
-        if progress is not None:
-            progress.advance(len(data))
+        progress.advance(len(data))
     if not sizes:
         raise empty_corpus(source)
     if val_fraction < 1 and len(sizes) == 1:

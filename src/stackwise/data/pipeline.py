@@ -105,10 +105,7 @@ def _training_pieces(text: str) -> Iterator[str]:
 
 
 def _counted(texts: Iterator[str], total: int, progress: bool, label: str) -> Iterator[str]:
-    report = Progress(label, total) if progress else None
-    for text in texts:
-        if report is not None:
+    with Progress(label, total, enabled=progress) as report:
+        for text in texts:
             report.advance(len(text.encode("utf-8")))
-        yield text
-    if report is not None:
-        report.finish()
+            yield text

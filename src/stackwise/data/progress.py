@@ -19,8 +19,10 @@ class Progress:
     """Counts the bytes a stage has handled and reports the rate now and then."""
 
     def __init__(self, label: str, total_bytes: int | None = None, stream: TextIO | None = None,
-                 interval: float | None = None):
+                 interval: float | None = None, enabled: bool = True):
+        """`enabled=False`: counts, never prints (a caller that was asked for no progress)."""
         self.label = label
+        self.enabled = enabled
         self.total = total_bytes or None
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -32,7 +34,7 @@ class Progress:
     def advance(self, n_bytes: int) -> None:
         self.done += n_bytes
         now = time.monotonic()
-        if now - self.last >= self.interval:
+        if self.enabled and now - self.last >= self.interval:
             self.last = now
             self._write(self.line(now))
 
@@ -48,6 +50,13 @@ class Progress:
         if self.total and rate > 0:
             text += f", ETA {_clock(max(0.0, (self.total - self.done) / rate))}"
         return text
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.finish()
 
     def finish(self) -> None:
         """The summary line, when the stage printed anything."""

@@ -155,10 +155,8 @@ def load_token_splits(
 def tokenize_documents(source: CorpusSource, plan: DocumentPlan, tokenizer: Tokenizer,
                        streams: tuple[TokenStream, TokenStream], dtype: np.dtype, progress: bool) -> None:
     """Stages 1→2: the documents as `plan` splits them, encoded into `streams`."""
-    encoding = Progress(f"encoding {source.name}", plan.train_bytes + plan.val_bytes) if progress else None
-    encode_documents(split_documents(source, plan), tokenizer, streams, dtype, encoding)
-    if encoding is not None:
-        encoding.finish()
+    with Progress(f"encoding {source.name}", plan.train_bytes + plan.val_bytes, enabled=progress) as encoding:
+        encode_documents(split_documents(source, plan), tokenizer, streams, dtype, encoding)
 
 
 def _build(

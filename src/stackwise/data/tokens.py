@@ -9,7 +9,7 @@ busy (it runs in Rust threads, outside the GIL). Each document's ids are followe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -46,20 +46,24 @@ def encode_documents(documents: Iterable[tuple[str, bool, int]], tokenizer: Toke
                      progress: Progress | None = None) -> None:
     """Append the ids of each (text, goes to validation, UTF-8 bytes) document, then [EOS], to
     `streams[1]` (validation) or `streams[0]` (train), in order."""
+    for batch, size in _batches(documents):
+        _encode_batch(batch, tokenizer, streams, dtype)
+        if progress is not None:
+            progress.advance(size)
+
+
+def _batches(documents: Iterable[tuple[str, bool, int]]) -> Iterator[tuple[list[tuple[str, bool]], int]]:
+    """(texts with their split, their bytes) of about BATCH_BYTES (at most BATCH_DOCUMENTS) each."""
     batch: list[tuple[str, bool]] = []
     size = 0
     for text, in_val, n_bytes in documents:
         batch.append((text, in_val))
         size += n_bytes
         if size >= BATCH_BYTES or len(batch) >= BATCH_DOCUMENTS:
-            _encode_batch(batch, tokenizer, streams, dtype)
-            if progress is not None:
-                progress.advance(size)
+            yield batch, size
             batch, size = [], 0
     if batch:
-        _encode_batch(batch, tokenizer, streams, dtype)
-        if progress is not None:
-            progress.advance(size)
+        yield batch, size
 
 
 def _encode_batch(batch: list[tuple[str, bool]], tokenizer: Tokenizer, streams: tuple[TokenStream, TokenStream],

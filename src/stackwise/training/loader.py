@@ -88,6 +88,7 @@ class ProgressiveDataLoader:
         self.seed = self.config.training.seed
         self.cache_dir = resolve_cache_dir(data.cache_dir)
         self._streams: dict[tuple[tuple[str, ...], str, str], TokenSplits] = {}
+        self._sources: dict[tuple[tuple[str, ...], str], CorpusSource] = {}
         base = (tuple(data.paths), data.text_field, "split")
         if not data.use_dummy_data:
             check_cache_dir(self.cache_dir)  # a file where the cache folder should be: before any reading
@@ -392,6 +393,9 @@ class ProgressiveDataLoader:
         return list(self._streams.values())
 
     def _source(self, paths: tuple[str, ...], text_field: str) -> CorpusSource:
+        """The corpus at `paths`, resolved and fingerprinted (hashing its files) once per loader."""
+        if (paths, text_field) in self._sources:
+            return self._sources[paths, text_field]
         source = open_corpus(paths, text_field, self.config.data.include)
         if source.token_files and not self.config.data.tokenizer.path:
             # Token files hold ids of one tokenizer: the run must load it, never train its own.
@@ -400,6 +404,7 @@ class ProgressiveDataLoader:
                 "to its tokenizer.json (for nanoGPT's GPT-2 files, GPT-2's tokenizer.json)",
                 source.token_files[0],
             )
+        self._sources[paths, text_field] = source
         return source
 
     def _check_schedule(self) -> None:
