@@ -8,9 +8,11 @@ run to 2e-3, then down to 2e-4 at its end; growth does not restart it) and the s
 window order (one order across phases on one corpus, so every arm sees the same windows):
 
 - `scratch`: the final model, all trainable, the whole budget;
-- `frozen`: 1 → 2 → 3 → 4 stacks at t = 0, .25, .5, .75, each new stack identity-initialized and
-  trained alone on a frozen trunk (`trainable: new`; the embedding freezes with the trunk, and with
-  tied embeddings the head with it);
+- `frozen` (the flagship): 1 → 2 → 3 → 4 stacks at t = 0, .25, .5, .75, each new stack
+  identity-initialized and trained alone on a frozen trunk (`trainable: new`); the tied
+  embedding/head trains (`embedding: trainable`, what `auto` now does for a tied head: frozen, it
+  cost 0.17 bits/byte, see `frozen_head_frozen`), so the backward runs through the trunk (2F per
+  trunk block, no weight gradients, no optimizer state);
 - `qlora`: the same with the trunk in NF4 learning through LoRA adapters (rank 8, alpha 16);
 - `all_trainable`: the same growth, everything trainable;
 - `gstack`: 1 stack for the first 25%, then the rack stacked 4 times (G_stack), all trainable;
@@ -18,8 +20,8 @@ window order (one order across phases on one corpus, so every arm sees the same 
 - `scratch_short`: scratch with its schedule shortened to the total FLOPs of the cheapest growth
   arm at the same budget and seed (measured; it runs after the others);
 - `per_phase_lr`: `all_trainable` with a per-phase cosine (each phase warms up 5% of itself and
-  decays to 2e-4 on its own: the behaviour before `over: run`); by default at the smaller budget
-  only (2 seeds), with `--full` at both.
+  decays to 2e-4 on its own: the behaviour before `over: run`); at the smaller budget only,
+  with `--full` at both.
 
 Corpus: the interpreter's standard-library `.py` sources (site-packages excluded), one document a
 file, in a fixed shuffled order (so the validation windows, read from the split's start, sample the
@@ -37,38 +39,36 @@ two evaluations around the common point (the total of the cheapest arm at that b
 arm whose curve spans it); the training FLOPs needed to reach the same seed's scratch's final val
 bits/byte, interpolated the same way and given as a multiple of scratch's total ("never" if the
 curve does not get there); total FLOPs as a multiple of scratch's; wall time (training, without
-evaluation) and tokens/s. Evaluation FLOPs are not training FLOPs.
+evaluation) and tokens/s. Evaluation FLOPs are not training FLOPs. Wall times are of runs two at a
+time on 2 cores, beside other work: FLOPs, not seconds, are the study's measure of cost.
 
-Sizing (measured on this machine, 2 Xeon cores, with other people's tests running beside it, so
-conservative): the final model trains at ~15,000 tokens/s with one torch thread and `run.compile`
-(16,200 in a bare loop; eager: 12,200 with one thread, 9,800 with two; two threads with torch's
-default spinning OpenMP threads drop to 500-1,000 tokens/s while another process runs, so workers
-get OMP_WAIT_POLICY=PASSIVE). Hence one thread and compile by default (`--threads`, `--no-compile`),
-and as many runs at once as there are cores per thread count (`--jobs`; 2 here), so the durations
-below, timed one run at a time, roughly halve.
-20 tokens per parameter (the larger budget) is 13.3M tokens, 3,248 steps (rounded up to a multiple
-of the 16 evaluations): ~15 min for scratch; 5 tokens per parameter (the smaller, a quarter) is 816
-steps, ~3.7 min. The corpus holds 8.85M training tokens, so the larger budget makes 1.5 passes
-(`frozen`'s third phase crosses the epoch, and `run.activation_cache: auto` turns the cache on
-there: batches read their cached rows and run the trunk on the rest; FLOPs count the rows read
-as free). Per
-step, relative to scratch (80-step runs of every arm, steady state per phase): frozen 0.55, qlora
-0.9, all_trainable and per_phase_lr 0.75, gstack 0.85, small 0.5, scratch_short ~0.5: one seed of
-all 8 arms costs ~5.8 scratch runs, plus ~30 s a run for start-up, compiling and evaluations. So
-all arms × 2 seeds × 2 budgets take ~3.9 hours, not 90 minutes, and no smaller final model is
-allowed (d_model 64 with BPE 4096 is the floor; the tied embedding alone is 40% of it). The default
-study therefore runs all 8 arms × 2 seeds at 5 tokens/parameter (~51 min) and `scratch`, `frozen`,
-`gstack`, `scratch_short` with seed 0 at 20 tokens/parameter (~46 min): ~1.6 hours. `--full` runs
-every arm × 2 seeds at both budgets (~3.9 h); `--budgets`, `--arms`, `--seeds` run exactly what
-they name, at every budget given.
+Sizing (measured on this machine, 2 Xeon cores): the final model trains at ~15,000 tokens/s with
+one torch thread and `run.compile` (eager: 12,200 with one thread, 9,800 with two; two threads
+with torch's default spinning OpenMP threads drop to 500-1,000 tokens/s while another process
+runs, so workers get OMP_WAIT_POLICY=PASSIVE). Hence one thread and compile by default
+(`--threads`, `--no-compile`), and as many runs at once as there are cores per thread count
+(`--jobs`; 2 here). 20 tokens per parameter (the larger budget) is 13.3M tokens, 3,248 steps
+(rounded up to a multiple of the 16 evaluations): ~16 min for scratch; 5 tokens per parameter
+(the smaller, a quarter) is 816 steps, ~4 min. The corpus holds 8.85M training tokens, so the
+larger budget makes 1.5 passes. Per step, relative to scratch: frozen ~0.7, qlora ~0.9,
+all_trainable and per_phase_lr 0.75, gstack 0.9, small 0.5, scratch_short ~0.7, plus ~30 s a run
+for start-up, compiling and evaluations. All arms × 2 seeds × 2 budgets would take ~4 hours of
+one core per run, not 90 minutes, and no smaller final model is allowed (d_model 64 with BPE 4096
+is the floor; the tied embedding alone is 40% of it). The default study therefore runs all 8
+arms × 2 seeds at 5 tokens/parameter, and at 20 tokens/parameter `scratch`, `frozen`,
+`all_trainable` and `scratch_short` with 2 seeds (the arms the goal is read from), `gstack`,
+`small` and `qlora` with seed 0: ~2.4 hours of runs, ~1.3 hours with `--jobs 2`. `--full` runs
+every arm × 2 seeds at both budgets; `--budgets`, `--arms`, `--seeds` run exactly what they name,
+at every budget given.
 
-`--explore` (single seed, the smaller budget, ~30 min): when to grow (G_stack at 10% and 50% beside
-25%), the growth factor (×2 at 25% and ×2 at 50% vs ×4 once), a warmup of the new stacks' lr
-(`warmup_new`; there is no switch between carried and fresh optimizer state: a grown stack's
-parameters are new and always start with fresh AdamW moments, the older stacks always carry theirs,
-docs/schedule.md), a final all-trainable phase after frozen growth, and unfreezing the trunk at a
-tenth of the lr (`lr_scale`) instead of freezing it; scratch, gstack and frozen as references
-(reused from the main study's runs when they exist).
+`--explore` (seed 0, the smaller budget, ~40 min with `--jobs 2`): when to grow (G_stack at 10%
+and 50% beside 25%), the growth factor (×2 at 25% and ×2 at 50% vs ×4 once), a warmup of the new
+stacks' lr (`warmup_new`), carried versus fresh optimizer state of the copies
+(`grow.optimizer_state: copy`, for G_stack and for stack-by-stack growth by copying the top stack),
+a final all-trainable phase after frozen growth, unfreezing the trunk at a tenth of the lr
+(`lr_scale`) instead of freezing it, and the frozen flagship with its tied head frozen (the old
+`embedding: auto`); scratch, gstack and frozen as references (reused from the main study's runs
+when they exist).
 
 Runs live in benchmarks/.work/growth_study/runs/, named by arm, budget, seed and a hash of their
 config; a run whose folder holds `study.json` is finished and is not run again, so an interrupted
@@ -110,10 +110,12 @@ RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 MAIN_ARMS = ("scratch", "frozen", "qlora", "all_trainable", "gstack", "small", "per_phase_lr", "scratch_short")
 GROWTH_ARMS = ("frozen", "qlora", "all_trainable", "gstack", "per_phase_lr")  # scratch_short matches the cheapest
 EXPLORE_ARMS = ("scratch", "gstack", "frozen", "gstack_at10", "gstack_at50", "gstack_x2x2", "gstack_warmup_new",
-                "frozen_finish", "trunk_low_lr")
+                "gstack_copy_state", "copy_copy_state", "frozen_finish", "trunk_low_lr", "frozen_head_frozen")
 ALL_ARMS = tuple(dict.fromkeys(MAIN_ARMS + EXPLORE_ARMS))
-# The default study (see the docstring's sizing): every arm at the smaller budget, the key ones at the larger.
-LARGE_BUDGET_ARMS = ("scratch", "frozen", "gstack", "scratch_short")
+# The default study (see the docstring's sizing): every arm at the smaller budget; at the larger one the
+# arms the goal is read from with 2 seeds, the others with seed 0 only (per_phase_lr not at all).
+LARGE_BUDGET_ARMS = ("scratch", "frozen", "all_trainable", "scratch_short", "gstack", "small", "qlora")
+ONE_SEED_AT_LARGE = ("gstack", "small", "qlora")
 IDENTITY = {"n": 1, "where": "append", "init": "identity"}
 
 
@@ -215,7 +217,8 @@ def phase(name: str, start: float, end: float, model: dict | None = None, optimi
 
 def stack_by_stack(trainable: str, starts: Iterable[float] = (0.25, 0.5, 0.75), end: float = 1.0,
                    **extra: Any) -> list[dict]:
-    """1 stack, then one identity stack appended at each start: `trainable` new or all."""
+    """1 stack, then one identity stack appended at each start (or as `extra`'s `grow` says):
+    `trainable` new or all; `extra`: more settings of the growth phases' model_config."""
     bounds = [0.0, *starts, end]
     phases = [phase("stacks1", bounds[0], bounds[1])]
     for i in range(1, len(bounds) - 1):
@@ -223,17 +226,20 @@ def stack_by_stack(trainable: str, starts: Iterable[float] = (0.25, 0.5, 0.75), 
     return phases
 
 
-def gstack(at: float, factors: tuple[int, ...] = (4,), second_at: float = 0.5, **optimizer: Any) -> list[dict]:
+def gstack(at: float, factors: tuple[int, ...] = (4,), second_at: float = 0.5, state: str = "fresh",
+           **optimizer: Any) -> list[dict]:
     """1 stack until `at`, then the rack stacked `factors[0]` times (and `factors[1]` times at
-    `second_at`), all trainable; `optimizer`: settings of the growth phases."""
+    `second_at`), all trainable, the copies' optimizer state `state` (fresh or copy);
+    `optimizer`: settings of the growth phases."""
     starts = [at, second_at][: len(factors)]
     ends = [*starts[1:], 1.0]
     phases = [phase("stacks1", 0.0, at)]
     stacks = 1
+    grow_extra = {"optimizer_state": state} if state != "fresh" else {}  # fresh: the configs (hashes) of before
     for start, end, k in zip(starts, ends, factors, strict=True):
         stacks *= k
-        phases.append(phase(f"stacks{stacks}", start, end, {"grow": {"init": "stack", "factor": k}, "trainable": "all"},
-                            optimizer or None))
+        phases.append(phase(f"stacks{stacks}", start, end,
+                            {"grow": {"init": "stack", "factor": k, **grow_extra}, "trainable": "all"}, optimizer or None))
     return phases
 
 
@@ -247,7 +253,8 @@ def trunk_low_lr(scale: float = 0.1) -> list[dict]:
 
 def frozen_finish() -> list[dict]:
     """Frozen stack-by-stack growth at 0, .2, .4, .6, then everything trainable for the last 20%."""
-    return [*stack_by_stack("new", starts=(0.2, 0.4, 0.6), end=0.8), phase("finish", 0.8, 1.0, {"trainable": "all"})]
+    return [*stack_by_stack("new", starts=(0.2, 0.4, 0.6), end=0.8, embedding="trainable"),
+            phase("finish", 0.8, 1.0, {"trainable": "all"})]
 
 
 def arm_plan(arm: str, setup: Setup) -> tuple[int, list[dict] | None, dict]:
@@ -257,8 +264,8 @@ def arm_plan(arm: str, setup: Setup) -> tuple[int, list[dict] | None, dict]:
         "scratch": (setup.stacks, None, {}),
         "scratch_short": (setup.stacks, None, {}),
         "small": (1, None, {}),
-        "frozen": (1, stack_by_stack("new"), {}),
-        "qlora": (1, stack_by_stack("new", **qlora), {}),
+        "frozen": (1, stack_by_stack("new", embedding="trainable"), {}),
+        "qlora": (1, stack_by_stack("new", embedding="trainable", **qlora), {}),
         "all_trainable": (1, stack_by_stack("all"), {}),
         "per_phase_lr": (1, stack_by_stack("all"), {"lr": lr_shape(setup, over="phase")}),
         "gstack": (1, gstack(0.25), {}),
@@ -266,7 +273,11 @@ def arm_plan(arm: str, setup: Setup) -> tuple[int, list[dict] | None, dict]:
         "gstack_at50": (1, gstack(0.50), {}),
         "gstack_x2x2": (1, gstack(0.25, (2, 2), second_at=0.5), {}),
         "gstack_warmup_new": (1, gstack(0.25, warmup_new=0.1), {}),
+        "gstack_copy_state": (1, gstack(0.25, state="copy"), {}),
+        "copy_copy_state": (1, stack_by_stack("all", grow={"n": 1, "where": "append", "init": "copy",
+                                                           "optimizer_state": "copy"}), {}),
         "frozen_finish": (1, frozen_finish(), {}),
+        "frozen_head_frozen": (1, stack_by_stack("new", embedding="frozen"), {}),
         "trunk_low_lr": (1, trunk_low_lr(), {}),
     }
     if setup.stacks != 4 and arm not in ("scratch", "scratch_short", "small"):
@@ -618,6 +629,11 @@ class Plan:
     work: Path
     corpus_bytes: int | None = None  # tests: the first files of the library only
     jobs: int = 1  # runs trained at once
+    one_seed: dict[float, tuple[str, ...]] = field(default_factory=dict)  # arms run with the first seed only
+
+    def seeds_for(self, budget: float, arm: str) -> tuple[int, ...]:
+        seeds = self.seeds_by_budget[budget]
+        return seeds[:1] if arm in self.one_seed.get(budget, ()) else seeds
 
 
 def prepare(plan: Plan) -> tuple[Path, Path, str, dict[str, Any]]:
@@ -657,11 +673,13 @@ def run_plan(plan: Plan, log: Any = print) -> tuple[list[Run], dict[str, Any]]:
 
     for budget in sorted(plan.arms_by_budget):
         steps = plan.setup.steps_for(budget * params)
-        arms, seeds = plan.arms_by_budget[budget], plan.seeds_by_budget[budget]
+        arms = plan.arms_by_budget[budget]
+        # the arms with every seed first, then those with one (the first to leave out when time is short)
+        order = sorted((arm for arm in arms if arm != "scratch_short"), key=lambda a: a in plan.one_seed.get(budget, ()))
         train([Run(arm, budget, seed, steps, run_config(plan.setup, arm, steps, seed, corpus, cache_dir))
-               for seed in seeds for arm in arms if arm != "scratch_short"])
+               for arm in order for seed in plan.seeds_for(budget, arm)])
         short = []  # scratch_short: after the arms whose FLOPs it matches
-        for seed in seeds if "scratch_short" in arms else ():
+        for seed in plan.seeds_for(budget, "scratch_short") if "scratch_short" in arms else ():
             arm_steps = shortened_steps(runs, budget, seed)
             if arm_steps is None:
                 log(f"scratch_short at budget {budget:g}, seed {seed}: skipped (needs scratch and a growth arm)")
@@ -680,7 +698,8 @@ def study(plan: Plan, name: str, out_dir: Path, command: str, log: Any = print) 
     table = markdown_table(summary)
     payload = {"name": name, "command": command, "setup": asdict(plan.setup), **facts,
                "budgets": {f"{b:g}": {"tokens": plan.setup.steps_for(b * facts["params"]) * plan.setup.tokens_per_step,
-                                      "arms": list(plan.arms_by_budget[b]), "seeds": list(plan.seeds_by_budget[b])}
+                                      "arms": list(plan.arms_by_budget[b]), "seeds": list(plan.seeds_by_budget[b]),
+                                      "one_seed_arms": list(plan.one_seed.get(b, ()))}
                            for b in sorted(plan.arms_by_budget)},
                "interpolation": "linear in log FLOPs between neighbouring evaluations",
                "spread": "half the range over seeds", "summary": summary, "table": table_rows(summary),
@@ -707,14 +726,15 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, str, Path]:
         name = "growth_study"
     arms_by_budget = {b: tuple(arms) for b in budgets}
     seeds_by_budget = {b: tuple(seeds) for b in budgets}
+    one_seed = {}
     if not (args.quick or args.explore or args.full or args.arms or args.seeds or args.budgets):
         big = max(budgets)  # the default study: see the docstring's sizing
-        arms_by_budget[big], seeds_by_budget[big] = LARGE_BUDGET_ARMS, (0,)
+        arms_by_budget[big], one_seed[big] = LARGE_BUDGET_ARMS, ONE_SEED_AT_LARGE
     if args.quick:
         seeds_by_budget = {b: (seeds[0],) if not args.seeds else tuple(seeds) for b in budgets}
     out_dir = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // setup.threads)
-    return Plan(setup, arms_by_budget, seeds_by_budget, work, jobs=jobs), name, out_dir
+    return Plan(setup, arms_by_budget, seeds_by_budget, work, jobs=jobs, one_seed=one_seed), name, out_dir
 
 
 def main() -> None:

@@ -214,6 +214,87 @@ def test_a_run_with_upscale_resumes_exactly(tmp_path, corpus):
     assert resumed.model.rack.stack_ids == full.model.rack.stack_ids == ["0", "1", "2", "3"]
 
 
+# ---- optimizer state of grown copies -----------------------------------------------------------------
+
+
+def _state_by_name(machine):
+    names = [n for g in machine.optim.optimizer.param_groups for n in g["names"]]
+    params = [p for g in machine.optim.optimizer.param_groups for p in g["params"]]
+    return {n: machine.optim.optimizer.state.get(p, {}) for n, p in zip(names, params, strict=True)}
+
+
+@pytest.mark.parametrize("optimizer_state", ["fresh", "copy"])
+def test_stacked_copies_start_fresh_or_with_the_state_of_what_they_copy(tmp_path, corpus, optimizer_state):
+    grow = {"init": "stack", "factor": 2, "optimizer_state": optimizer_state}
+    machine = TrainingMachine(machine_config(tmp_path, corpus, grow, trainable="all"), total_steps=12, run_dir=False,
+                              console=False)
+    for _ in range(4):
+        machine.train_step()
+    before = {n: {k: v.clone() for k, v in st.items()} for n, st in _state_by_name(machine).items()}
+    machine.planes  # noqa: B018 - enters phase "two": [s0, s1] -> [s0, s1, s0', s1']
+    assert machine.model.rack.stack_ids == ["0", "1", "2", "3"]
+    after = _state_by_name(machine)
+    copies = {f"rack.stacks.{new}.{rest}": f"rack.stacks.{old}.{rest}"
+              for new, old in (("2", "0"), ("3", "1")) for rest in
+              (n.split(".", 3)[3] for n in before if n.startswith(f"rack.stacks.{old}."))}
+    assert len(copies) == len([n for n in before if n.startswith("rack.stacks.")]) > 0
+    for name, source in copies.items():
+        if optimizer_state == "fresh":
+            assert after[name] == {}, name
+            continue
+        assert set(after[name]) == set(before[source]) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in before[source].items():
+            assert torch.equal(after[name][key], value), (name, key)
+            assert after[name][key].data_ptr() != after[source][key].data_ptr()  # its own tensors
+    for name, state in before.items():  # the originals keep theirs either way
+        assert all(torch.equal(after[name][k], v) for k, v in state.items())
+    losses = [machine.train_step()["loss"].item() for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_run_that_copies_optimizer_state_resumes_exactly_across_the_growth(tmp_path, corpus):
+    cfg = machine_config(tmp_path, corpus, {"init": "stack", "factor": 2, "optimizer_state": "copy"}, trainable="all")
+    cfg["training"]["total_steps"] = 10
+    reference = TrainingMachine(cfg, console=False).train()
+    cfg["run"]["dir"] = str(tmp_path / "other")
+    first = TrainingMachine(cfg, console=False)
+    for _ in range(2):  # in phase "one": the copies' state is made again after the resume
+        first.train_step()
+    first.save_checkpoint()
+    first.log.close()
+    resumed = TrainingMachine(cfg, resume=first.run_dir, console=False)
+    assert resumed.step == 2
+    assert resumed.train().losses == reference.losses
+
+
+@pytest.mark.parametrize("grow", [{"init": "identity"}, {"init": "random", "where": "prepend"},
+                                  {"where": "interleave", "every": 1, "init": "random"}])
+def test_copying_optimizer_state_needs_an_operator_that_copies_blocks(grow):
+    with pytest.raises(ConfigError) as err:
+        StackWiseConfig.from_dict({"model": model_config([1], vocab_size=64), "training": {"seq_len": 32}, "data": {},
+                                   "schedule": [{"name": "one", "start_t": 0.0, "end_t": 0.5},
+                                                {"name": "two", "start_t": 0.5, "end_t": 1.0,
+                                                 "model_config": {"grow": {**grow, "optimizer_state": "copy"}}}]})
+    assert err.value.paths == ["schedule.1.model_config.grow.optimizer_state"]
+    assert "copied blocks" in str(err.value)
+
+
+@pytest.mark.parametrize("embedding", ["frozen", "auto", "trainable"])
+def test_a_tied_head_trains_unless_the_embedding_is_frozen_and_then_it_is_said(tmp_path, corpus, capsys, embedding):
+    cfg = machine_config(tmp_path, corpus, {"init": "identity"}, trainable="new", embedding=embedding)
+    cfg["model"]["tie_embeddings"] = True
+    machine = TrainingMachine(cfg, total_steps=12, run_dir=False, console=True)
+    for _ in range(5):  # into phase "two": a frozen trunk under the new stack
+        machine.train_step()
+    said = capsys.readouterr().err
+    assert machine.model.tied and machine.model.rack.to_spec().roles == ["frozen", "frozen", "trainable"]
+    if embedding == "frozen":
+        assert not machine.model.head.proj.weight.requires_grad
+        assert "phase two: the head is tied to the embedding, which is frozen, so the head does not train" in said
+    else:
+        assert machine.model.head.proj.weight.requires_grad and "head is tied" not in said
+
+
 # ---- plan ------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,8 @@
 """Progressive growth: stable names, identity growth, frozen and QLoRA trunks, the activation
 cache (exactness, spill, invalidation), exact resume with NF4, and the builder / trainer."""
 
+import math
+
 import pytest
 import torch
 
@@ -243,6 +245,27 @@ def test_train_rack_grows_to_k_stacks_on_the_machine(tmp_path, corpus):
     assert [t.to_phase for t in result.transitions] == ["stacks2", "stacks3"]
     assert builder.to_spec().roles == ["frozen", "frozen", "trainable"]
     assert result.steps == 12
+
+
+@pytest.mark.parametrize("over", [None, "phase"])
+def test_the_progressive_shorthand_runs_its_lr_shape_over_the_whole_run(tmp_path, corpus, over):
+    cfg = config(tmp_path, corpus, None)
+    cfg["training"]["optimizer"]["lr"] = {"schedule": "cosine", "peak": 2e-3, "final": 2e-4, "warmup": 0.1,
+                                          **({"over": over} if over else {})}
+    cfg["training"]["progressive"] = {"target_stacks": 3}
+    machine = TrainingMachine(cfg, total_steps=20, run_dir=False, console=False)
+    lrs = [machine.train_step()["lr"] for _ in range(20)]
+    assert [p.name for p in machine.schedule.phases] == ["stacks1", "stacks2", "stacks3"]
+    if over is None:  # one cosine over the run, by the formula, across both transitions
+        def expected(step):
+            t = step / 20
+            if t < 0.1:
+                return 2e-3 * t / 0.1
+            return 2e-4 + 0.5 * (2e-3 - 2e-4) * (1 + math.cos(math.pi * (t - 0.1) / 0.9))
+        assert lrs == pytest.approx([expected(s) for s in range(20)], rel=1e-9, abs=1e-12)
+    else:  # said explicitly: each phase warms up again
+        restarts = [i for i in range(1, 20) if lrs[i] < 0.5 * lrs[i - 1]]
+        assert lrs[0] == 0.0 and len(restarts) == 2  # a new warmup at each transition
 
 
 def test_builder_operations_report_in_the_spec():

@@ -616,7 +616,9 @@ class GrowConfig(_Section):
       of the rack (LLaMA Pro); k must fall on stack boundaries;
     - `init: upscale, trim: m`: depth up-scaling (SOLAR): the rack followed by a copy of itself,
       the last m blocks of the first copy and the first m of the second dropped;
-    - `init: stack, factor: k`: the whole rack repeated k times in order (G_stack).
+    - `init: stack, factor: k`: the whole rack repeated k times in order (G_stack);
+    - `optimizer_state: fresh|copy`: new stacks start with no optimizer state (fresh), or, when
+      they are copies of existing blocks, with the state (moments, step count) of what they copy.
     """
 
     n: int = Field(default=1, ge=1)
@@ -626,6 +628,9 @@ class GrowConfig(_Section):
     blocks: int | None = Field(default=None, ge=1, description="blocks per new stack; default the neighbour's (1 for interleave)")
     trim: int | None = Field(default=None, ge=0, description="upscale: blocks dropped at the seam of each copy")
     factor: int | None = Field(default=None, ge=2, description="stack: how many times the rack is repeated")
+    optimizer_state: Literal["fresh", "copy"] = Field(
+        default="fresh", description="copy: a new stack made of copied blocks starts with their optimizer state"
+    )
 
     @model_validator(mode="after")
     def _operator_fields(self) -> GrowConfig:
@@ -651,9 +656,18 @@ class GrowConfig(_Section):
             problems.append(("n", f"init: {self.init} grows the whole rack; n does not apply", self.n))
         if whole_rack and self.blocks is not None:
             problems.append(("blocks", f"init: {self.init} copies existing stacks; blocks does not apply", self.blocks))
+        if self.optimizer_state == "copy" and not self.copies_blocks:
+            problems.append(("optimizer_state", f"copy needs new stacks made of copied blocks (init: copy, stack or "
+                             f"upscale, or where: interleave with init identity or copy); init: {self.init} makes "
+                             "fresh ones, which have no state to copy", self.optimizer_state))
         if problems:
             raise _CrossFieldError(problems)
         return self
+
+    @property
+    def copies_blocks(self) -> bool:
+        """Whether the new stacks are copies of existing blocks (rather than fresh ones)."""
+        return self.init in ("copy", "stack", "upscale") or (self.where == "interleave" and self.init == "identity")
 
 
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down", "q_down", "q_up", "kv_down", "k_up", "v_up", "k_rope"]
@@ -686,7 +700,8 @@ class PhaseModelConfig(_Section):
     trunk: Literal["frozen", "qlora", "trainable"] = "frozen"
     trunk_precision: Precision | None = Field(default=None, description="storage of the trunk; default fp32, nf4 for qlora")
     embedding: Literal["auto", "trainable", "frozen"] = Field(
-        default="auto", description="auto: frozen when the stack nearest it is in a frozen/qlora trunk"
+        default="auto", description="auto: frozen when the stack nearest it is in a frozen/qlora trunk, "
+        "unless it is tied to a trainable head"
     )
     head: Literal["trainable", "frozen"] = "trainable"
     lora: LoraConfig = Field(default_factory=LoraConfig)

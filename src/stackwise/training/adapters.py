@@ -22,7 +22,7 @@ from stackwise.model import StackWiseModel
 from stackwise.specs import BatchSpec, ModelSpec, OptimizerSpec
 from stackwise.training.loader import ProgressiveDataLoader
 from stackwise.training.optimizer import build_optimizer, optimizer_spec, set_lr
-from stackwise.training.progressive import apply_model_phase, stack_parameter_names
+from stackwise.training.progressive import apply_model_phase, copy_sources, stack_parameter_names
 from stackwise.training.schedule import (
     Phase,
     data_orders,
@@ -197,12 +197,18 @@ class ModelAdapter:
         self.config = config
         self.trunk_version = 0  # bumped by any change below the trainable stacks (invalidates caches)
         self.new_parameters: set[str] = set()  # names of the parameters the last phase entered added
+        # {new parameter: parameter it was copied from} when that phase's grow copies optimizer state
+        self.state_sources: dict[str, str] = {}
 
     def enter_phase(self, phase: Phase, phase_index: int) -> bool:
         """Grow and set roles for a phase. Returns True when structure or roles changed."""
         before = self.model.to_spec()
+        names_before = {id(p): name for name, p in self.model.named_parameters()}
         added = apply_model_phase(self.model, phase.model, phase_index, self.config)
         self.new_parameters = stack_parameter_names(self.model, added)
+        sources = copy_sources(self.model, added, names_before)  # read always: the links are cleared
+        grow = phase.model.grow
+        self.state_sources = sources if grow is not None and grow.optimizer_state == "copy" else {}
         after = self.model.to_spec()
         changed = before != after
         if changed:
@@ -222,12 +228,14 @@ class OptimizerAdapter:
         self.phase: Phase | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def enter_phase(self, model: torch.nn.Module, phase: Phase, new_parameters: Collection[str] = ()) -> torch.optim.Optimizer:
+    def enter_phase(self, model: torch.nn.Module, phase: Phase, new_parameters: Collection[str] = (),
+                    state_sources: Mapping[str, str] | None = None) -> torch.optim.Optimizer:
         """Rebuild for `phase`; `new_parameters` (names) are those the phase added, which warm up
-        on their own when the phase sets `warmup_new`."""
+        on their own when the phase sets `warmup_new`; `state_sources` maps new parameters to the
+        parameters whose optimizer state they start with (`grow.optimizer_state: copy`)."""
         self.cfg, self.phase = resolve_optimizer(self.base, phase), phase
         self.optimizer = build_optimizer(model, self.cfg, previous=self.optimizer, lr=phase_lr(self.cfg, phase, phase.start_t),
-                                         new=new_parameters)
+                                         new=new_parameters, state_sources=state_sources)
         return self.optimizer
 
     def lr_at(self, t: float) -> float:

@@ -317,7 +317,7 @@ class TrainingMachine:
         self.model.to(self.device)
         self.data.enter_phase(phase, index, start_step)
         self._wrap()
-        self.optim.enter_phase(self.model, phase, self.model_plane.new_parameters)
+        self.optim.enter_phase(self.model, phase, self.model_plane.new_parameters, self.model_plane.state_sources)
         if self._initial_optimizer_state:  # model.init_from_optimizer: the source's moments, once
             load_state_by_name(self.optim.optimizer, self._initial_optimizer_state, place=distributed.shard_like)
             self._initial_optimizer_state = {}
@@ -361,7 +361,13 @@ class TrainingMachine:
         self.model_plane.model = plain.to(self.device)
 
     def _start_phase_services(self, phase: Phase, index: int) -> None:
-        """Compile new stacks (run.compile) and open the phase's activation cache."""
+        """Say what the phase's roles hide, compile new stacks (run.compile) and open the phase's
+        activation cache."""
+        if self.model.tied and phase.model.head == "trainable" and not self.model.embedding.tokens.weight.requires_grad:
+            # `head: trainable` cannot hold for a head that is the embedding's own matrix.
+            self.log.say(f"phase {phase.name}: the head is tied to the embedding, which is frozen, so the head does "
+                         "not train (embedding: auto or trainable trains both, through the trunk; "
+                         "model.tie_embeddings: false gives the head its own matrix)")
         if self.config.run.compile:
             compile_stacks(self.model)
         self._open_cache(phase, index)

@@ -95,13 +95,15 @@ def build_optimizer(
     previous: torch.optim.Optimizer | None = None,
     lr: float | None = None,
     new: Collection[str] = (),
+    state_sources: Mapping[str, str] | None = None,
 ) -> torch.optim.Optimizer:
     """An optimizer over exactly the trainable parameters of `model`.
 
     `lr` is the base lr to start with (default: the configured lr at τ = 0, times
     lr_multiplier); each group runs at base × its lr_scale, and the groups of `new` parameters
     (with `warmup_new`) start at 0, as their warmup does. With `previous`, optimizer state is
-    carried over (see `carry_state`).
+    carried over (see `carry_state`), and the parameters named in `state_sources` start with a
+    copy of the state of the parameter named there (grown copies: `grow.optimizer_state: copy`).
     """
     groups = param_groups(model, cfg, new)
     if not groups:
@@ -112,6 +114,8 @@ def build_optimizer(
     optimizer = _construct(cfg, groups, base_lr)
     if previous is not None:
         carry_state(previous, optimizer, model)
+        if state_sources:
+            copy_state(previous, optimizer, state_sources)
     return optimizer
 
 
@@ -162,6 +166,25 @@ def carry_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimize
         optimizer.state[param] = _state_for(previous.state[source], param)
         carried += 1
     return carried
+
+
+def copy_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, sources: Mapping[str, str]) -> int:
+    """Give each parameter of `optimizer` named in `sources` that has no state yet a copy (its own
+    tensors) of the state `previous` kept for the source parameter, when the shapes match; return
+    how many did. Growth keeps the names of existing stacks, so a source's name is the same in
+    both optimizers."""
+    if _STATE_FAMILY.get(type(previous).__name__) != _STATE_FAMILY.get(type(optimizer).__name__):
+        return 0
+    old_by_name = dict(zip(_names_or_empty(previous), _params(previous), strict=False))
+    copied = 0
+    for name, param in zip(optimizer_param_names(optimizer), _params(optimizer), strict=True):
+        source = old_by_name.get(sources.get(name, ""))
+        if param in optimizer.state or source is None or source not in previous.state or source.shape != param.shape:
+            continue
+        state = _state_for(previous.state[source], param)
+        optimizer.state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+        copied += 1
+    return copied
 
 
 def _state_for(state: Mapping[str, Any], param: torch.Tensor) -> dict[str, Any]:

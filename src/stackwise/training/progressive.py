@@ -30,12 +30,20 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from stackwise.config import ConfigError, GrowConfig, LoraConfig, PhaseModelConfig, StackWiseConfig
+from stackwise.config import (
+    ConfigError,
+    GrowConfig,
+    LoraConfig,
+    LrSchedule,
+    PhaseModelConfig,
+    StackWiseConfig,
+)
 from stackwise.model import Block, Rack, Stack, StackWiseModel
 from stackwise.model.lora import add_adapters, attach_lora, lora_layers, merge_lora, merge_lora_
 from stackwise.specs import RackSpec
@@ -50,6 +58,27 @@ def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_inde
     chosen = trainable_positions(len(model.rack), plane.trainable, new_positions, phase_index)
     set_roles(model, chosen, plane)
     return new_positions
+
+
+def copy_sources(model: StackWiseModel, positions: Iterable[int], names_before: Mapping[int, str]) -> dict[str, str]:
+    """{name of a parameter of the new stacks at `positions`: name of the parameter it was copied
+    from}, for the blocks growth copied (`names_before`: id of each parameter before growth → its
+    name then). Parameters without a same-named, same-shaped counterpart in their source block
+    (a copy of a LoRA block is merged and dense) are left out: they start fresh."""
+    names_now = {id(p): name for name, p in model.named_parameters()}
+    sources: dict[str, str] = {}
+    for position in positions:
+        for block in model.rack[position].blocks:
+            link = _COPY_OF.pop(block, None)
+            source = link() if link is not None else None
+            if source is None:
+                continue
+            theirs = dict(source.named_parameters())
+            for local, param in block.named_parameters():
+                old = theirs.get(local)
+                if old is not None and old.shape == param.shape and id(old) in names_before and id(param) in names_now:
+                    sources[names_now[id(param)]] = names_before[id(old)]
+    return sources
 
 
 def stack_parameter_names(model: StackWiseModel, positions: Iterable[int]) -> set[str]:
@@ -178,13 +207,21 @@ def _copied_stack(model: StackWiseModel, blocks: list[Block]) -> Stack:
     return stack
 
 
+# Copy → (weak reference to) the block it was made from, until `copy_sources` reads it, for
+# `grow.optimizer_state: copy`. Weak both ways: the link keeps neither block alive, and it is no
+# attribute of the model (nothing of it is saved, copied or moved with the module).
+_COPY_OF: weakref.WeakKeyDictionary[Block, weakref.ref[Block]] = weakref.WeakKeyDictionary()
+
+
 def _dense_copy(block: Block) -> Block:
     """A trainable fp32 copy of a block however it is stored: adapters and NF4 bases are merged
     into dense weights (a new stack trains in full, not through frozen 4-bit bases)."""
     new = merge_lora(block) if lora_layers(block) else copy.deepcopy(block)
     for module in new.modules():
         module._compiled_call_impl = None  # a compiled forward would still call the original
-    return new.to(torch.float32).requires_grad_(True)
+    new = new.to(torch.float32).requires_grad_(True)
+    _COPY_OF[new] = weakref.ref(block)
+    return new
 
 
 def _zero_outputs(stack: Stack) -> Stack:
@@ -249,10 +286,15 @@ def set_roles(model: StackWiseModel, chosen: list[int], plane: PhaseModelConfig)
         else:
             freeze(stack, plane.trunk_precision)
     bottom_in_trunk = 0 not in chosen and plane.trunk != "trainable"
-    embedding_trains = plane.embedding == "trainable" or (plane.embedding == "auto" and not bottom_in_trunk)
+    # auto: an embedding under a frozen/qlora trunk freezes with it (so the trunk's input stays
+    # put and its activations can be cached), unless it is also the head's matrix (tied) and the
+    # head trains: a tied head frozen with the trunk cost the growth study 0.17 bits/byte
+    # (benchmarks/RESULTS.md, "Growth study"), more than the trunk's backward it saves.
+    tied_head_trains = model.tied and plane.head == "trainable"
+    embedding_trains = plane.embedding == "trainable" or (
+        plane.embedding == "auto" and (not bottom_in_trunk or tied_head_trains))
     model.head.requires_grad_(plane.head == "trainable")
-    # With tied weights the shared matrix follows the embedding: it feeds the trunk, and a
-    # trunk whose input moves could not be cached.
+    # With tied weights the shared matrix follows the embedding (set last).
     model.embedding.requires_grad_(embedding_trains)
 
 
@@ -313,7 +355,18 @@ def with_growth_schedule(config: StackWiseConfig) -> StackWiseConfig:
         return config
     data = config.to_dict()
     data["schedule"] = ProgressiveTrainer(config).curriculum(start, target)
-    return StackWiseConfig.from_dict(data)
+    return StackWiseConfig.from_dict(run_wide_lr(data, config))
+
+
+def run_wide_lr(data: dict[str, Any], config: StackWiseConfig) -> dict[str, Any]:
+    """`data` (a config as a dict, its phases spelled out from `training.progressive`) with the lr
+    shape over the whole run, unless the config says `over` itself: the user wrote no phases for
+    the shape to restart in, and one shape over the run beat per-phase shapes at equal FLOPs in
+    the growth study (benchmarks/RESULTS.md, "Growth study")."""
+    lr = config.training.optimizer.lr
+    if isinstance(lr, LrSchedule) and "over" not in lr.model_fields_set:
+        data["training"]["optimizer"]["lr"]["over"] = "run"
+    return data
 
 
 # ---- by hand: the builder ------------------------------------------------------------------------
@@ -435,7 +488,7 @@ class ProgressiveTrainer:
         start = len(builder.rack)
         train_first = any(s.role == "trainable" for s in builder.rack)
         schedule = self.curriculum(start, target, train_first)
-        data = self.config.to_dict()
+        data = run_wide_lr(self.config.to_dict(), self.config)
         data["schedule"] = schedule
         data["model"]["architecture"]["n_stacks"] = start
         config = StackWiseConfig.from_dict(data)
