@@ -36,9 +36,11 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.lock
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
-# The growth study (not part of bench): ~1.6 h on 2 CPU cores; resumable (benchmarks/growth_study.py).
+# The growth study (not part of bench): ~1.3 h on 2 CPU cores, ~40 min more for --explore; resumable
+# (benchmarks/growth_study.py). It writes its tables into benchmarks/RESULTS.md.
 study: $(STAMP)
-	$(BIN)/python -m benchmarks.growth_study
+	$(BIN)/python -m benchmarks.growth_study --write-results-md
+	$(BIN)/python -m benchmarks.growth_study --explore --write-results-md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

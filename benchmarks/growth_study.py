@@ -615,7 +615,8 @@ def results_md_section(payload: dict[str, Any], table: str) -> str:
         "interpolated linearly in log FLOPs along the eval curves (benchmarks/growth_study.py; curves in "
         f"`benchmarks/results/{payload['name']}.json` and `.png`)."
     )
-    return f"{textwrap.fill(intro, 100, break_on_hyphens=False)}\n\n{table}\n"
+    plot_line = f"![val bits/byte vs training FLOPs, every arm and seed](results/{payload['name']}.png)"
+    return f"{textwrap.fill(intro, 100, break_on_hyphens=False)}\n\n{table}\n\n{plot_line}\n"
 
 
 # ---- the study ------------------------------------------------------------------------------------------

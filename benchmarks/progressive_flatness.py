@@ -36,12 +36,14 @@ KS = (1, 2, 4, 8)
 
 
 def worker_config(mode: str, k: int, tmp: str) -> dict:
-    trainable = "last:1" if mode == "progressive" else "all"
+    # progressive: the top stack alone trains, its tied embedding (the head's matrix) frozen with the
+    # trunk below it, as when the figures were measured (embedding: auto now trains a tied head)
+    phase = {"trainable": "last:1", "embedding": "frozen"} if mode == "progressive" else {"trainable": "all"}
     return {
         "model": {"d_model": 256, "n_heads": 8, "max_seq_len": 256, "architecture": {"n_stacks": k, "blocks_per_stack": 1}},
         "training": {"batch_size": 8, "seq_len": 256, "optimizer": {"lr": 3e-4}},
         "data": {"tokenizer": {"kind": "bpe", "vocab_size": 4096}},
-        "schedule": [{"name": "main", "start_t": 0.0, "end_t": 1.0, "model_config": {"trainable": trainable}}],
+        "schedule": [{"name": "main", "start_t": 0.0, "end_t": 1.0, "model_config": phase}],
         "run": {"dir": tmp, "eval_every": 10**9, "log_every": 10**9, "checkpoint_at_transitions": False},
     }
 

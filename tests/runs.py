@@ -8,9 +8,11 @@ from typing import Any
 
 def growth_config(runs: Path, name: str = "run", steps: int = 12, split: float = 0.5, **run: Any) -> dict[str, Any]:
     """d_model 32, one block; phase 'one' until t=`split`, then phase 'two' appends an identity
-    stack that trains alone on a frozen trunk. Run directories go to `runs`/`name`."""
+    stack that trains alone on a frozen trunk (untied: a tied embedding would train with its head).
+    Run directories go to `runs`/`name`."""
     return {
-        "model": {"d_model": 32, "n_heads": 2, "max_seq_len": 32, "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
+        "model": {"d_model": 32, "n_heads": 2, "max_seq_len": 32, "tie_embeddings": False,
+                  "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
         "training": {"batch_size": 4, "seq_len": 32, "total_steps": steps, "optimizer": {"lr": 3e-3}},
         "data": {},
         "schedule": [

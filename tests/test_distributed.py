@@ -44,7 +44,8 @@ BASE = {
 # draws repeat no sample), then a third with the trunk turned into QLoRA. d_model 128: some NF4
 # weights shard over 2 ranks, some stay whole.
 GROW = {
-    "model": {"d_model": 128, "n_heads": 4, "max_seq_len": 64, "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
+    "model": {"d_model": 128, "n_heads": 4, "max_seq_len": 64, "tie_embeddings": False,
+              "architecture": {"n_stacks": 1, "blocks_per_stack": 1}},
     "training": {"batch_size": 8, "seq_len": 32, "total_steps": 18, "seed": 0,
                  "optimizer": {"optimizer_type": "AdamW", "lr": 3e-3, "grad_clip": 1.0}},
     "data": {"tokenizer": {"kind": "byte"}, "objective": "clm"},

@@ -252,6 +252,35 @@ def test_stacked_copies_start_fresh_or_with_the_state_of_what_they_copy(tmp_path
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize(("sizes", "grow", "plane"), [
+    ([1], {"init": "copy"}, {"trainable": "new", "trunk": "qlora", "lora": {"rank": 4}}),  # source quantized next
+    ([1], {"init": "copy"}, {"trainable": "new", "trunk_precision": "nf4"}),
+    ([1], {"init": "copy", "n": 2}, {"trainable": "all"}),  # the second copy copies the first
+    ([2, 2], {"init": "upscale", "trim": 1}, {"trainable": "all"}),  # sources trimmed away after copying
+    ([1, 1], {"where": "interleave", "every": 1, "init": "identity"}, {"trainable": "new"}),
+], ids=["qlora-trunk", "nf4-trunk", "n2", "upscale", "interleave"])
+def test_every_copied_parameter_starts_with_the_state_of_its_source(tmp_path, corpus, sizes, grow, plane):
+    cfg = machine_config(tmp_path, corpus, {**grow, "optimizer_state": "copy"}, **plane)
+    cfg["model"] = model_config(sizes)
+    machine = TrainingMachine(cfg, total_steps=12, run_dir=False, console=False)
+    for _ in range(4):  # phase "one": everything trains
+        machine.train_step()
+    before = {n: {k: v.clone() for k, v in st.items()} for n, st in _state_by_name(machine).items()}
+    machine.planes  # noqa: B018 - enters phase "two"
+    after, sources = _state_by_name(machine), machine.model_plane.state_sources
+    new = sorted(n for n in machine.model_plane.new_parameters if n in after)
+    assert new and sorted(sources) == new  # every trainable parameter of the copies has a source
+    for name in new:
+        assert after[name]["step"].item() == 4, name  # carried from phase one's 4 steps, not fresh
+        assert torch.equal(after[name]["exp_avg_sq"], before[sources[name]]["exp_avg_sq"]), name
+
+
+def test_the_builder_refuses_optimizer_state():
+    with pytest.raises(ConfigError) as err:
+        labelled([1]).grow(init="copy", optimizer_state="copy")
+    assert err.value.paths == ["grow.optimizer_state"]
+
+
 def test_a_run_that_copies_optimizer_state_resumes_exactly_across_the_growth(tmp_path, corpus):
     cfg = machine_config(tmp_path, corpus, {"init": "stack", "factor": 2, "optimizer_state": "copy"}, trainable="all")
     cfg["training"]["total_steps"] = 10
@@ -293,6 +322,25 @@ def test_a_tied_head_trains_unless_the_embedding_is_frozen_and_then_it_is_said(t
         assert "phase two: the head is tied to the embedding, which is frozen, so the head does not train" in said
     else:
         assert machine.model.head.proj.weight.requires_grad and "head is tied" not in said
+
+
+def test_a_run_made_when_auto_froze_a_tied_embedding_is_refused_by_name_not_skipped(tmp_path, corpus):
+    cfg = machine_config(tmp_path, corpus, {"init": "identity"}, trainable="new", embedding="frozen")
+    cfg["model"]["tie_embeddings"] = True
+    cfg["training"]["total_steps"] = 12
+    first = TrainingMachine(cfg, console=False)
+    for _ in range(8):  # into phase "two", where the old `auto` froze the tied embedding
+        first.train_step()
+    first.save_checkpoint()
+    first.log.close()
+    # the run as an earlier version recorded it: `embedding: auto`, with that behaviour
+    recorded = first.run_dir / "config.yaml"
+    recorded.write_text(recorded.read_text().replace("embedding: frozen", "embedding: auto"))
+    cfg["schedule"][1]["model_config"]["embedding"] = "auto"
+    with pytest.raises(ConfigError) as err:
+        TrainingMachine(cfg, resume=first.run_dir, console=False)
+    assert err.value.paths == ["schedule.1.model_config.embedding"]
+    assert "model.init_from" in str(err.value)
 
 
 # ---- plan ------------------------------------------------------------------------------------------

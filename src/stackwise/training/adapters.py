@@ -22,7 +22,7 @@ from stackwise.model import StackWiseModel
 from stackwise.specs import BatchSpec, ModelSpec, OptimizerSpec
 from stackwise.training.loader import ProgressiveDataLoader
 from stackwise.training.optimizer import build_optimizer, optimizer_spec, set_lr
-from stackwise.training.progressive import apply_model_phase, copy_sources, stack_parameter_names
+from stackwise.training.progressive import apply_model_phase, stack_parameter_names
 from stackwise.training.schedule import (
     Phase,
     data_orders,
@@ -203,12 +203,10 @@ class ModelAdapter:
     def enter_phase(self, phase: Phase, phase_index: int) -> bool:
         """Grow and set roles for a phase. Returns True when structure or roles changed."""
         before = self.model.to_spec()
-        names_before = {id(p): name for name, p in self.model.named_parameters()}
-        added = apply_model_phase(self.model, phase.model, phase_index, self.config)
-        self.new_parameters = stack_parameter_names(self.model, added)
-        sources = copy_sources(self.model, added, names_before)  # read always: the links are cleared
+        growth = apply_model_phase(self.model, phase.model, phase_index, self.config)
+        self.new_parameters = stack_parameter_names(self.model, growth.positions)
         grow = phase.model.grow
-        self.state_sources = sources if grow is not None and grow.optimizer_state == "copy" else {}
+        self.state_sources = growth.sources if grow is not None and grow.optimizer_state == "copy" else {}
         after = self.model.to_spec()
         changed = before != after
         if changed:

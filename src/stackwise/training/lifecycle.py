@@ -367,7 +367,9 @@ class Lifecycle:
             m.data.enter_phase(m.schedule.phases[index], index, start_step)
             m._wrap()
             m.optim.enter_phase(m.model, m.schedule.phases[index], m.model_plane.new_parameters)
-            if optimizer_param_names(m.optim.optimizer) != state["optimizer_names"]:
+            names = optimizer_param_names(m.optim.optimizer)
+            if names != state["optimizer_names"]:
+                _refuse_frozen_tied_embedding(m, names, state["optimizer_names"], index, ckpt.path)
                 raise CheckpointError(f"{ckpt.path}: optimizer parameters differ from the rebuilt optimizer's")
             if ckpt.sharded:
                 self._load_sharded(ckpt)
@@ -546,3 +548,16 @@ def _state_kind(value: Any) -> str:
 def _empty_state(kind: str, param: torch.Tensor) -> torch.Tensor:
     """A tensor for DCP to fill: laid out like the parameter, or a step counter."""
     return torch.zeros_like(param) if kind == "param" else torch.zeros((), dtype=torch.float32)
+
+
+def _refuse_frozen_tied_embedding(m: Any, names: list[str], saved: list[str], index: int, path: Path) -> None:
+    """A checkpoint whose optimizer lacks exactly the tied embedding is no damage: it was made
+    when `embedding: auto` froze a tied embedding (and so its head) under a frozen trunk; auto
+    now trains it. Said as such (not skipped as damaged, which would resume an older checkpoint)."""
+    tied = [name for name, p in m.model.named_parameters() if p is m.model.embedding.tokens.weight]
+    if m.model.tied and set(names) - set(saved) == set(tied) and set(saved) <= set(names):
+        raise ConfigError([(f"schedule.{index}.model_config.embedding", (
+            f"{path} was made with the tied embedding and head frozen under the trunk, what `embedding: auto` "
+            "did before it trained a tied head; this config trains them, so the run cannot continue exactly. "
+            "Start a new run from its weights (model.init_from: RUN_DIR), with embedding: frozen in the phases "
+            "to keep the old behaviour"), "auto")])

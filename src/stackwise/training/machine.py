@@ -389,7 +389,8 @@ class TrainingMachine:
         message = self.cache.enter(context, decision, n_windows, settings["seq_len"], self.model.cfg.d_model)
         self.log.record("cache", step=self.step, phase=phase.name, trunk_stacks=first, on=decision.on,
                         draws=decision.draws, windows=decision.windows, expected_hits=decision.hits, message=message)
-        if first > 0:  # said only where a cache could matter: a frozen trunk below the trainable stacks
+        # said where a cache could matter (a frozen trunk below the trainable stacks) or was asked for
+        if first > 0 or self.config.run.activation_cache is True:
             self.log.say(message)
 
     # ---- one step -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ import itertools
 import os
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -51,34 +51,21 @@ from stackwise.specs import RackSpec
 # ---- the model plane of a phase -----------------------------------------------------------------
 
 
-def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_index: int, config: StackWiseConfig) -> list[int]:
-    """Grow, then set roles; returns the rack positions of the stacks this phase added."""
+class Growth(NamedTuple):
+    """What one `grow` setting did: the rack positions of the new stacks, and, for the parameters
+    of copied blocks, the name (before growth) of the parameter each copies."""
+
+    positions: list[int]
+    sources: dict[str, str]
+
+
+def apply_model_phase(model: StackWiseModel, plane: PhaseModelConfig, phase_index: int, config: StackWiseConfig) -> Growth:
+    """Grow, then set roles; returns what the growth added (no stacks when the phase grows none)."""
     field = f"schedule.{phase_index}.model_config.grow"
-    new_positions = grow_rack(model, plane.grow, field) if plane.grow else []
-    chosen = trainable_positions(len(model.rack), plane.trainable, new_positions, phase_index)
+    growth = grow_with_sources(model, plane.grow, field) if plane.grow else Growth([], {})
+    chosen = trainable_positions(len(model.rack), plane.trainable, growth.positions, phase_index)
     set_roles(model, chosen, plane)
-    return new_positions
-
-
-def copy_sources(model: StackWiseModel, positions: Iterable[int], names_before: Mapping[int, str]) -> dict[str, str]:
-    """{name of a parameter of the new stacks at `positions`: name of the parameter it was copied
-    from}, for the blocks growth copied (`names_before`: id of each parameter before growth → its
-    name then). Parameters without a same-named, same-shaped counterpart in their source block
-    (a copy of a LoRA block is merged and dense) are left out: they start fresh."""
-    names_now = {id(p): name for name, p in model.named_parameters()}
-    sources: dict[str, str] = {}
-    for position in positions:
-        for block in model.rack[position].blocks:
-            link = _COPY_OF.pop(block, None)
-            source = link() if link is not None else None
-            if source is None:
-                continue
-            theirs = dict(source.named_parameters())
-            for local, param in block.named_parameters():
-                old = theirs.get(local)
-                if old is not None and old.shape == param.shape and id(old) in names_before and id(param) in names_now:
-                    sources[names_now[id(param)]] = names_before[id(old)]
-    return sources
+    return growth
 
 
 def stack_parameter_names(model: StackWiseModel, positions: Iterable[int]) -> set[str]:
@@ -91,6 +78,34 @@ def stack_parameter_names(model: StackWiseModel, positions: Iterable[int]) -> se
 def grow_rack(model: StackWiseModel, grow: GrowConfig, field: str = "grow") -> list[int]:
     """Apply one `grow` setting; returns the rack positions of the new stacks (after growth).
     `field` names the setting in errors (`schedule.I.model_config.grow` for a phase's)."""
+    return grow_with_sources(model, grow, field).positions
+
+
+def grow_with_sources(model: StackWiseModel, grow: GrowConfig, field: str = "grow") -> Growth:
+    """`grow_rack`, also naming the parameter each parameter of a copied block copies (before
+    any role changes them: a source stack may be quantized by the phase's roles next)."""
+    names_before = {id(p): name for name, p in model.named_parameters()}
+    positions = _apply_operator(model, grow, field)
+    return Growth(positions, _copy_sources(model, positions, names_before))
+
+
+def _copy_sources(model: StackWiseModel, positions: list[int], names_before: Mapping[int, str]) -> dict[str, str]:
+    """{name of a parameter of a copied block at `positions`: name before growth of its source};
+    the links `_dense_copy` recorded are dropped here. A parameter with no same-named,
+    same-shaped source (a copy of a LoRA block is merged and dense) is left out."""
+    names_now = {id(p): name for name, p in model.named_parameters()}
+    sources: dict[str, str] = {}
+    for position in positions:
+        for block in model.rack[position].blocks:
+            theirs = _COPY_OF.pop(block, {})
+            for local, param in block.named_parameters():
+                old = theirs.get(local)
+                if old is not None and old.shape == param.shape and id(old) in names_before:
+                    sources[names_now[id(param)]] = names_before[id(old)]
+    return sources
+
+
+def _apply_operator(model: StackWiseModel, grow: GrowConfig, field: str) -> list[int]:
     if grow.init in ("upscale", "stack"):  # the operator places its copies itself (GrowConfig checks `where`)
         return upscale_rack(model, grow.trim, field) if grow.init == "upscale" else stack_rack(model, grow.factor)
     if grow.where == "interleave":
@@ -207,10 +222,12 @@ def _copied_stack(model: StackWiseModel, blocks: list[Block]) -> Stack:
     return stack
 
 
-# Copy → (weak reference to) the block it was made from, until `copy_sources` reads it, for
-# `grow.optimizer_state: copy`. Weak both ways: the link keeps neither block alive, and it is no
-# attribute of the model (nothing of it is saved, copied or moved with the module).
-_COPY_OF: weakref.WeakKeyDictionary[Block, weakref.ref[Block]] = weakref.WeakKeyDictionary()
+# A copied block → {its parameters' names in the block: the source block's parameters}, from the
+# copy until `grow_with_sources` reads it at the end of the same operator (for
+# `grow.optimizer_state: copy`). The source's parameters themselves, not the block: an operator
+# may delete a source block after copying it (upscale's trim). Keyed weakly, and no attribute of
+# the model, so nothing of it is saved, copied or moved with a module.
+_COPY_OF: weakref.WeakKeyDictionary[Block, dict[str, torch.nn.Parameter]] = weakref.WeakKeyDictionary()
 
 
 def _dense_copy(block: Block) -> Block:
@@ -220,7 +237,8 @@ def _dense_copy(block: Block) -> Block:
     for module in new.modules():
         module._compiled_call_impl = None  # a compiled forward would still call the original
     new = new.to(torch.float32).requires_grad_(True)
-    _COPY_OF[new] = weakref.ref(block)
+    # a copy of a copy made by the same operator (init: copy with n >= 2) copies the original
+    _COPY_OF[new] = _COPY_OF.get(block) or dict(block.named_parameters())
     return new
 
 
@@ -412,7 +430,11 @@ class ProgressiveRackBuilder:
 
     def grow(self, **settings: Any) -> list[int]:
         """Grow as a phase's `grow: {...}` setting would (same validation, same operators)."""
-        return grow_rack(self.model, GrowConfig(**settings))
+        grow = GrowConfig(**settings)
+        if grow.optimizer_state != "fresh":
+            raise ConfigError([("grow.optimizer_state", "is a phase's setting: the builder has no optimizer "
+                                "(set it in a schedule phase's grow)", grow.optimizer_state)])
+        return grow_rack(self.model, grow)
 
     def freeze(self, positions: Iterable[int] | None = None, precision: str = "fp32") -> None:
         for position in self._positions(positions):
