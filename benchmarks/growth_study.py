@@ -57,11 +57,11 @@ one core per run, not 90 minutes, and no smaller final model is allowed (d_model
 is the floor; the tied embedding alone is 40% of it). The default study therefore runs all 8
 arms × 2 seeds at 5 tokens/parameter, and at 20 tokens/parameter `scratch`, `frozen`,
 `all_trainable` and `scratch_short` with 2 seeds (the arms the goal is read from), `gstack`,
-`small` and `qlora` with seed 0: ~2.4 hours of runs, ~1.3 hours with `--jobs 2`. `--full` runs
-every arm × 2 seeds at both budgets; `--budgets`, `--arms`, `--seeds` run exactly what they name,
-at every budget given.
+`small` and `qlora` with seed 0: ~2.4 hours of runs, ~1.3 hours with `--jobs 2`. A smaller budget
+(`--budgets 1.25 5 20`) adds the regime where the final model is far too large for its data. `--full` runs every arm × 2 seeds at every budget; `--budgets`, `--arms`,
+`--seeds` run exactly what they name, at every budget given.
 
-`--explore` (seed 0, the smaller budget, ~40 min with `--jobs 2`): when to grow (G_stack at 10%
+`--explore` (seed 0, 5 tokens/parameter, ~40 min with `--jobs 2`): when to grow (G_stack at 10%
 and 50% beside 25%), the growth factor (×2 at 25% and ×2 at 50% vs ×4 once), a warmup of the new
 stacks' lr (`warmup_new`), carried versus fresh optimizer state of the copies
 (`grow.optimizer_state: copy`, for G_stack and for stack-by-stack growth by copying the top stack),
@@ -116,6 +116,9 @@ ALL_ARMS = tuple(dict.fromkeys(MAIN_ARMS + EXPLORE_ARMS))
 # arms the goal is read from with 2 seeds, the others with seed 0 only (per_phase_lr not at all).
 LARGE_BUDGET_ARMS = ("scratch", "frozen", "all_trainable", "scratch_short", "gstack", "small", "qlora")
 ONE_SEED_AT_LARGE = ("gstack", "small", "qlora")
+# Training tokens per parameter of the final model: 20 (compute-optimal) and a quarter of it.
+BUDGETS = (5.0, 20.0)
+EXPLORE_BUDGET = 5.0
 IDENTITY = {"n": 1, "where": "append", "init": "identity"}
 
 
@@ -718,9 +721,10 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, str, Path]:
     setup = replace(setup, d_model=args.d_model or setup.d_model, threads=args.threads or setup.threads,
                     compile=setup.compile and not args.no_compile)
     work = Path(args.work) if args.work else WORK
-    default_budgets = [0.05, 0.2] if args.quick else [5.0, 20.0]
+    default_budgets = [0.05, 0.2] if args.quick else list(BUDGETS)
     if args.explore:
-        budgets, arms, seeds = [min(args.budgets or default_budgets)], args.arms or list(EXPLORE_ARMS), args.seeds or [0]
+        budget = min(args.budgets) if args.budgets else (0.05 if args.quick else EXPLORE_BUDGET)
+        budgets, arms, seeds = [budget], args.arms or list(EXPLORE_ARMS), args.seeds or [0]
         name = "growth_study_explore"
     else:
         budgets, arms, seeds = args.budgets or default_budgets, args.arms or list(MAIN_ARMS), args.seeds or [0, 1]
@@ -741,7 +745,7 @@ def build_plan(args: argparse.Namespace) -> tuple[Plan, str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", help="training tokens per parameter of the final model "
-                        "(default 5 20; --quick 0.05 0.2; --explore the smallest)")
+                        "(default 5 20; --quick 0.05 0.2; --explore 5, or the smallest given)")
     parser.add_argument("--seeds", type=int, nargs="+", help="training.seed values (default 0 1; --quick and --explore 0)")
     parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="default: the main arms (--explore: its recipes)")
     parser.add_argument("--d-model", type=int, help="width of every arm's model (default 64; --quick 32)")

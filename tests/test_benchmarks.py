@@ -115,3 +115,28 @@ def test_growth_study_smoke_runs_arms_and_writes_table_json_and_png(tmp_path):
     assert len(mtimes) == 3
     gs.study(plan, "growth_study", tmp_path / "out", "test", log=lines.append)
     assert {p: p.stat().st_mtime for p in (tmp_path / "work" / "runs").glob("*/study.json")} == mtimes
+
+
+def test_growth_study_default_plan_and_every_arm_config_is_valid(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks import growth_study as gs
+
+    from stackwise.config import StackWiseConfig
+
+    def plan_for(*flags):
+        args = Namespace(budgets=None, seeds=None, arms=None, d_model=None, threads=None, jobs=None, no_compile=False,
+                         quick=False, explore=False, full=False, work=str(tmp_path))
+        for flag in flags:
+            setattr(args, flag, True)
+        return gs.build_plan(args)[0]
+
+    default = plan_for()
+    assert sorted(default.arms_by_budget) == [5.0, 20.0]
+    assert default.seeds_for(20.0, "all_trainable") == (0, 1) and default.seeds_for(20.0, "qlora") == (0,)
+    assert default.seeds_for(5.0, "qlora") == (0, 1) and "per_phase_lr" not in default.arms_by_budget[20.0]
+    explore = plan_for("explore")
+    assert list(explore.arms_by_budget) == [5.0] and explore.seeds_by_budget[5.0] == (0,)
+    for arm in gs.ALL_ARMS:  # every arm's config is a valid config
+        config = gs.run_config(gs.Setup(), arm, 160, 0, tmp_path / "c.jsonl", tmp_path / "cache")
+        StackWiseConfig.from_dict(config)

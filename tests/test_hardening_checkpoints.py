@@ -28,7 +28,9 @@ from tests.runs import growth_config
 
 
 def tiny(tmp_path, name="run", steps=12, **run):
-    return growth_config(tmp_path, name, steps, **{"checkpoint_every": 4, "checkpoint_at_transitions": False, **run})
+    config = growth_config(tmp_path, name, steps, **{"checkpoint_every": 4, "checkpoint_at_transitions": False, **run})
+    config["model"]["tie_embeddings"] = True  # a tied head and embedding: one tensor, stored once
+    return config
 
 
 def files_of(path):
