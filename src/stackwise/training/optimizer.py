@@ -113,9 +113,7 @@ def build_optimizer(
         group["lr"] = 0.0 if group.get("new") else base_lr * group["lr_scale"]
     optimizer = _construct(cfg, groups, base_lr)
     if previous is not None:
-        carry_state(previous, optimizer, model)
-        if state_sources:
-            copy_state(previous, optimizer, state_sources)
+        carry_state(previous, optimizer, model, copies=state_sources)
     return optimizer
 
 
@@ -140,51 +138,41 @@ def _use_fused(cfg: OptimizerConfig) -> bool:
     return cfg.fused and cfg.optimizer_type != "SGD"  # SGD keeps torch's default implementation
 
 
-def carry_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+def carry_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, model: nn.Module,
+                copies: Mapping[str, str] | None = None) -> int:
     """Hand `previous`'s per-parameter state (moments, step counts) to `optimizer`; return how
-    many parameters kept their state.
+    many parameters got state.
 
     A parameter keeps its state when it is the very tensor `previous` updated, or, failing that,
     when `previous` updated a parameter of the same name and shape that is no longer part of the
     model (the model was rebuilt). The identity rule comes first because names move: prepending a
     stack renames stack 0 to stack 1, and the new stack 0 must start fresh rather than inherit the
-    old stack 0's moments. Parameters no longer trainable are not in `optimizer`, so their state is
-    dropped; parameters new to training start fresh. State is only handed over between optimizers
-    whose state means the same thing (Adam ↔ AdamW; SGD ↔ SGD); otherwise everything starts fresh.
+    old stack 0's moments. Failing both, a parameter named in `copies` (a grown copy, with
+    `grow.optimizer_state: copy`) gets a copy, tensors of its own, of the state of the parameter
+    named there, when the shapes match (growth keeps the names of existing stacks). Parameters no
+    longer trainable are not in `optimizer`, so their state is dropped; parameters new to training
+    start fresh. State is only handed over between optimizers whose state means the same thing
+    (Adam ↔ AdamW; SGD ↔ SGD); otherwise everything starts fresh.
     """
     if _STATE_FAMILY.get(type(previous).__name__) != _STATE_FAMILY.get(type(optimizer).__name__):
         return 0
     old_by_name = dict(zip(_names_or_empty(previous), _params(previous), strict=False))
     in_model = {id(p) for p in model.parameters()}
+    copies = copies or {}
     carried = 0
     for name, param in zip(optimizer_param_names(optimizer), _params(optimizer), strict=True):
         source = param if param in previous.state else old_by_name.get(name)
-        if source is None or source not in previous.state:
+        if source is not None and source in previous.state and (
+                source is param or (id(source) not in in_model and source.shape == param.shape)):
+            optimizer.state[param] = _state_for(previous.state[source], param)
+            carried += 1
             continue
-        if source is not param and (id(source) in in_model or source.shape != param.shape):
-            continue
-        optimizer.state[param] = _state_for(previous.state[source], param)
-        carried += 1
+        copied = old_by_name.get(copies.get(name, ""))
+        if copied is not None and copied in previous.state and copied.shape == param.shape:
+            state = _state_for(previous.state[copied], param)  # its source keeps updating its own
+            optimizer.state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+            carried += 1
     return carried
-
-
-def copy_state(previous: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, sources: Mapping[str, str]) -> int:
-    """Give each parameter of `optimizer` named in `sources` that has no state yet a copy (its own
-    tensors) of the state `previous` kept for the source parameter, when the shapes match; return
-    how many did. Growth keeps the names of existing stacks, so a source's name is the same in
-    both optimizers."""
-    if _STATE_FAMILY.get(type(previous).__name__) != _STATE_FAMILY.get(type(optimizer).__name__):
-        return 0
-    old_by_name = dict(zip(_names_or_empty(previous), _params(previous), strict=False))
-    copied = 0
-    for name, param in zip(optimizer_param_names(optimizer), _params(optimizer), strict=True):
-        source = old_by_name.get(sources.get(name, ""))
-        if param in optimizer.state or source is None or source not in previous.state or source.shape != param.shape:
-            continue
-        state = _state_for(previous.state[source], param)
-        optimizer.state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        copied += 1
-    return copied
 
 
 def _state_for(state: Mapping[str, Any], param: torch.Tensor) -> dict[str, Any]:
